@@ -85,9 +85,7 @@ class D3PMScheduler(SchedulerMixin, ConfigMixin):
         hybrid_loss_coeff: float = 0.001,
     ):
         if transition_type not in TRANSITION_TYPES:
-            raise ValueError(
-                f"Unknown transition_type {transition_type!r}; choose one of {TRANSITION_TYPES}."
-            )
+            raise ValueError(f"Unknown transition_type {transition_type!r}; choose one of {TRANSITION_TYPES}.")
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
         if num_train_timesteps < 1:
@@ -97,9 +95,7 @@ class D3PMScheduler(SchedulerMixin, ConfigMixin):
         self.mask_state = num_classes if transition_type == "absorbing" else None
         # q_onestep[t] = Q_t and q_cumulative[t] = Q̄_t for t = 0..T (index 0 is the identity). The products
         # run in numpy: a thousand 32×32 products take milliseconds there, but seconds in multi-threaded torch.
-        onestep = np.stack(
-            [np.eye(self.num_states)] + [self._onestep_matrix(beta) for beta in self.betas[1:]]
-        )
+        onestep = np.stack([np.eye(self.num_states)] + [self._onestep_matrix(beta) for beta in self.betas[1:]])
         cumulative = np.empty_like(onestep)
         cumulative[0] = onestep[0]
         for t in range(1, num_train_timesteps + 1):
@@ -120,9 +116,7 @@ class D3PMScheduler(SchedulerMixin, ConfigMixin):
         if schedule == "cosine":
             # Hoogeboom et al.: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), β_t = 1 - ᾱ(t)/ᾱ(t-1).
             s = 0.008
-            alpha_bar = torch.cos(
-                (torch.arange(0, T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2
-            )
+            alpha_bar = torch.cos((torch.arange(0, T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2)
             alpha_bar = alpha_bar**2
             betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
         elif schedule == "jsd":
@@ -178,14 +172,13 @@ class D3PMScheduler(SchedulerMixin, ConfigMixin):
         T = self.config.num_train_timesteps
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
             raise ValueError(
-                f"num_inference_steps must be an integer in 1..{T} (num_train_timesteps), "
-                f"got {num_inference_steps!r}."
+                f"num_inference_steps must be an integer in 1..{T} (num_train_timesteps), got {num_inference_steps!r}."
             )
         self.num_inference_steps = num_inference_steps
         steps = torch.linspace(T, 1, num_inference_steps, dtype=torch.float64).round().long()
         self.timesteps = steps.to(device) if device is not None else steps
         previous = torch.cat([steps[1:], torch.zeros(1, dtype=torch.long)]).tolist()
-        self.previous_timesteps = dict(zip(steps.tolist(), previous))
+        self.previous_timesteps = dict(zip(steps.tolist(), previous, strict=True))
         self.strided_matrices = {t: self.multistep_matrix(t, s) for t, s in self.previous_timesteps.items()}
 
     # ---------------------------------------------------------------------------------------- forward
@@ -231,7 +224,7 @@ class D3PMScheduler(SchedulerMixin, ConfigMixin):
         if bool((s == t - 1).all()):
             return self._on(device, "q_onestep")[t]
         matrices = []
-        for ti, si in zip(t.tolist(), s.tolist()):
+        for ti, si in zip(t.tolist(), s.tolist(), strict=True):
             strided = self.previous_timesteps.get(ti) == si
             matrices.append(self.strided_matrices[ti] if strided else self.multistep_matrix(ti, si))
         return torch.stack(matrices).to(device)
@@ -267,9 +260,7 @@ class D3PMScheduler(SchedulerMixin, ConfigMixin):
         timesteps = torch.as_tensor(timesteps, device=x_t.device).long().reshape(-1).expand(len(x_t))
         if prev_timesteps is None:
             prev_timesteps = timesteps - 1
-        prev_timesteps = (
-            torch.as_tensor(prev_timesteps, device=x_t.device).long().reshape(-1).expand(len(x_t))
-        )
+        prev_timesteps = torch.as_tensor(prev_timesteps, device=x_t.device).long().reshape(-1).expand(len(x_t))
         log_probs = self._posterior_log_probs(self._x0_probs(x0_logits), x_t, timesteps, prev_timesteps)
         return log_probs.permute(0, 3, 1, 2)
 
@@ -319,14 +310,10 @@ class D3PMScheduler(SchedulerMixin, ConfigMixin):
         """
         t = int(timestep)
         if t not in self.previous_timesteps:
-            raise ValueError(
-                f"timestep {t} is not one of the scheduler's timesteps; call set_timesteps first."
-            )
+            raise ValueError(f"timestep {t} is not one of the scheduler's timesteps; call set_timesteps first.")
         expected = (len(sample), self.config.num_classes, *sample.shape[2:])
         if model_output.shape != expected:
-            raise ValueError(
-                f"model_output must have shape {expected} (B, K, H, W), got {tuple(model_output.shape)}."
-            )
+            raise ValueError(f"model_output must have shape {expected} (B, K, H, W), got {tuple(model_output.shape)}.")
         self._check_levels(sample, "sample", self.num_states)
         batch = len(sample)
         t_batch = torch.full((batch,), t, dtype=torch.long, device=sample.device)

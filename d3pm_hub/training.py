@@ -49,6 +49,7 @@ class TrainConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
     cross_attention_dim: int = 64
+    attention_head_dim: int = 8
     state_embedding_dim: int = 32
     norm_num_groups: int = 8
     batch_size: int = 128
@@ -94,6 +95,7 @@ def build_pipeline(config: TrainConfig) -> D3PMPipeline:
         block_out_channels=tuple(config.block_out_channels),
         layers_per_block=config.layers_per_block,
         cross_attention_dim=config.cross_attention_dim,
+        attention_head_dim=config.attention_head_dim,
         state_embedding_dim=config.state_embedding_dim,
         norm_num_groups=config.norm_num_groups,
     )
@@ -120,9 +122,7 @@ def diffusion_loss(
         x0: ``(B, 1, H, W)`` int64 levels; labels: ``(B,)``; encoder_hidden_states: optional context override.
     """
     T = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(1, T + 1, (len(x0),), generator=generator, device=generator.device).to(
-        x0.device
-    )
+    timesteps = torch.randint(1, T + 1, (len(x0),), generator=generator, device=generator.device).to(x0.device)
     x_t = scheduler.add_noise(x0, timesteps, generator)
     logits = unet(x_t, timesteps, labels, encoder_hidden_states=encoder_hidden_states)
     if loss_type == "ce":
@@ -133,9 +133,7 @@ def diffusion_loss(
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step (temporary folders of an interrupted save are ignored)."""
     folder = Path(output_dir) / "checkpoints"
-    found = [
-        (int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name))
-    ]
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name))]
     return max(found)[1] if found else None
 
 
@@ -152,9 +150,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)
         older = sorted(
-            (int(m.group(1)), p)
-            for p in folder.glob("checkpoint-*")
-            if (m := CHECKPOINT_PATTERN.match(p.name))
+            (int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name))
         )
         for _, stale in older[:-total_limit]:
             shutil.rmtree(stale, ignore_errors=True)
@@ -196,9 +192,7 @@ def train(config: TrainConfig) -> list[float]:
     images, labels = dataset_to_tensors(load_mnist(config.data_source, "train"), config.num_levels)
     images, labels = images.to(accelerator.device), labels.to(accelerator.device)
 
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay
-    )
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
     lr_scheduler = get_scheduler(
         "constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes
     )
@@ -272,9 +266,7 @@ def run_training_loop(
         for micro in range(config.gradient_accumulation_steps):
             micro_step = step * config.gradient_accumulation_steps + micro
             index_generator = step_generator(config.seed, micro_step, accelerator.process_index)
-            noise_generator = step_generator(
-                config.seed, micro_step, accelerator.process_index, accelerator.device
-            )
+            noise_generator = step_generator(config.seed, micro_step, accelerator.process_index, accelerator.device)
             index = torch.randint(0, len(images), (per_process_batch,), generator=index_generator)
             x0, y = images[index.to(images.device)], labels[index.to(labels.device)]
             drop = torch.rand(len(y), generator=index_generator) < config.label_dropout
@@ -292,9 +284,7 @@ def run_training_loop(
         losses.append(loss_value)
         done = step + 1
         elapsed = time.perf_counter() - started
-        images_per_second = (
-            (done - start_step) * config.batch_size * config.gradient_accumulation_steps / elapsed
-        )
+        images_per_second = (done - start_step) * config.batch_size * config.gradient_accumulation_steps / elapsed
         if done % config.log_steps == 0 or done == config.max_steps:
             progress.set_postfix(loss=f"{loss_value:.4f}", images_per_s=f"{images_per_second:.0f}")
             accelerator.log({"loss": loss_value, "images_per_second": images_per_second}, step=done)

@@ -11,6 +11,9 @@ import torch  # noqa: E402
 
 from d3pm_hub import D3PMPipeline, D3PMScheduler, D3PMUNet  # noqa: E402
 
+# Tiny models run fastest on one thread, and multi-threaded small ops slow to a crawl on a busy 2-core machine.
+torch.set_num_threads(1)
+
 TINY_UNET = dict(
     block_out_channels=(16, 16, 16),
     state_embedding_dim=8,
