@@ -52,9 +52,7 @@ def load_embedded_mnist(split: str = "train") -> Dataset:
         order = order[EMBEDDED_TEST_SIZE:]
     elif split == "test":
         order = order[:EMBEDDED_TEST_SIZE]
-    return Dataset.from_dict(
-        {"image": list(images[order]), "label": labels[order].tolist()}, features=MNIST_FEATURES
-    )
+    return Dataset.from_dict({"image": list(images[order]), "label": labels[order].tolist()}, features=MNIST_FEATURES)
 
 
 def load_mnist(source: str = "embedded", split: str = "train") -> Dataset:

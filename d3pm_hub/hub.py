@@ -21,9 +21,7 @@ def resolve_folder(path_or_repo_id: str | Path, revision: str | None = None) -> 
     if local.exists() or str(path_or_repo_id).count("/") > 1:
         raise FileNotFoundError(f"{path_or_repo_id!s} is neither a folder nor a Hub repo id ('org/name').")
     try:
-        return Path(
-            snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=list(SAFE_PATTERNS))
-        )
+        return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=list(SAFE_PATTERNS)))
     except LocalEntryNotFoundError as error:
         raise FileNotFoundError(
             f"{path_or_repo_id!s} is not a local folder and is not in the Hugging Face cache "

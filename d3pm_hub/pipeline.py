@@ -39,9 +39,7 @@ class D3PMPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
 
     @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | Path, revision: str | None = None, **kwargs
-    ):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, revision: str | None = None, **kwargs):
         """Load from a local folder or a Hub repo id (downloaded with huggingface_hub, safetensors only).
 
         Without ``torch_dtype`` the UNet is returned in float32 whatever precision it was stored in.
@@ -64,9 +62,7 @@ class D3PMPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must be integers, got {labels.dtype}.")
         null = self.unet.config.num_labels
         if labels.min() < 0 or labels.max() > null:
-            raise ValueError(
-                f"class_labels must lie in 0..{null} ({null} = unconditional), got {labels.tolist()}."
-            )
+            raise ValueError(f"class_labels must lie in 0..{null} ({null} = unconditional), got {labels.tolist()}.")
         return labels.long().to(self._execution_device)
 
     def x0_log_probs(

@@ -79,9 +79,7 @@ class D3PMUNet(ModelMixin, ConfigMixin):
     def label_context(self, class_labels: torch.LongTensor) -> torch.Tensor:
         """Context tokens ``(B, num_label_tokens + num_shared_tokens, D)`` for labels ``(B,)`` in 0..num_labels."""
         self._check_labels(class_labels)
-        per_label = rearrange(
-            self.label_embedding(class_labels), "b (n d) -> b n d", n=self.config.num_label_tokens
-        )
+        per_label = rearrange(self.label_embedding(class_labels), "b (n d) -> b n d", n=self.config.num_label_tokens)
         shared = repeat(self.shared_context_tokens, "n d -> b n d", b=len(class_labels))
         return torch.cat([per_label, shared], dim=1)
 

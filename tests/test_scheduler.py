@@ -24,9 +24,7 @@ def one_hot_logits(x0: torch.Tensor, num_classes: int) -> torch.Tensor:
 def test_matrices_are_row_stochastic(scheduler):
     assert (scheduler.q_onestep >= 0).all() and (scheduler.q_cumulative >= 0).all()
     torch.testing.assert_close(scheduler.q_onestep.sum(-1), torch.ones_like(scheduler.q_onestep[..., 0]))
-    torch.testing.assert_close(
-        scheduler.q_cumulative.sum(-1), torch.ones_like(scheduler.q_cumulative[..., 0])
-    )
+    torch.testing.assert_close(scheduler.q_cumulative.sum(-1), torch.ones_like(scheduler.q_cumulative[..., 0]))
 
 
 def test_cumulative_is_product_of_onestep(scheduler):
