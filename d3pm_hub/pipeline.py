@@ -105,6 +105,7 @@ class D3PMPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         unet_parameters: dict[str, torch.Tensor] | None = None,
+        temperature: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         """Sample one image per label.
 
@@ -118,6 +119,7 @@ class D3PMPipeline(DiffusionPipeline):
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             unet_parameters: parameters to use instead of the UNet's own for this call only (e.g. base weights
                 plus erasure deltas); applied functionally, so concurrent calls never share edited weights.
+            temperature: τ in p̃(x0)^{1/τ}: below 1 sharpens the x0 prediction (fewer stray grey levels).
 
         Returns:
             `ImagePipelineOutput` with ``images``.
@@ -126,13 +128,15 @@ class D3PMPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}.")
+        if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}.")
         labels = self._prepare_labels(class_labels)
         device = self._execution_device
         size = self.unet.config.sample_size
         self.scheduler.set_timesteps(num_inference_steps)
         sample = self.scheduler.prior_sample((len(labels), 1, size, size), generator, device)
         for t in self.progress_bar(self.scheduler.timesteps.tolist()):
-            x0_log_probs = self.x0_log_probs(sample, t, labels, guidance_scale, unet_parameters)
+            x0_log_probs = self.x0_log_probs(sample, t, labels, guidance_scale, unet_parameters) / temperature
             sample = self.scheduler.step(x0_log_probs, t, sample, generator=generator).prev_sample
         images = self.levels_to_images(sample, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

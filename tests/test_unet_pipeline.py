@@ -73,6 +73,15 @@ def test_guidance_scale_one_and_zero(pipeline):
     assert torch.equal(sample(pipeline, (2, 7), guidance_scale=0.0), sample(pipeline, (10, 10), guidance_scale=1.0))
 
 
+def test_low_temperature_sharpens_towards_the_x0_argmax(pipeline):
+    cold = sample(pipeline, (4, 4, 4, 4), temperature=1e-3, num_inference_steps=1)
+    x_t = pipeline.scheduler.prior_sample((4, 1, 28, 28), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        argmax = pipeline.x0_log_probs(x_t, 50, torch.tensor([4] * 4), 2.0).argmax(1, keepdim=True)
+    # all but near-ties of the random tiny model's logits
+    assert (cold == pipeline.levels_to_images(argmax, "pt")).float().mean() > 0.99
+
+
 def test_unet_parameters_override_is_per_call(pipeline):
     params = {n: p.detach().clone() for n, p in pipeline.unet.named_parameters()}
     assert torch.equal(sample(pipeline, unet_parameters=params), sample(pipeline))
@@ -106,6 +115,9 @@ def test_bad_input_is_refused(pipeline, tmp_path):
         pipeline([1], num_inference_steps=2, output_type="jpeg")
     with pytest.raises(ValueError, match="guidance_scale"):
         pipeline([1], num_inference_steps=2, guidance_scale=float("nan"))
+    for temperature in (0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            pipeline([1], num_inference_steps=2, temperature=temperature)
     with pytest.raises(ValueError, match="int64"):
         pipeline.unet(torch.zeros(1, 1, 28, 28), 3, torch.tensor([1]))
     with pytest.raises(ValueError, match="shape"):
