@@ -15,21 +15,12 @@ import time
 from pathlib import Path
 
 import torch
+from sampler_sweep import evaluate_settings  # noqa: E402  (a sibling script in benchmarks/)
 
 from d3pm_hub.evaluation.classifier import load_classifier
-from d3pm_hub.evaluation.metrics import evaluate_pipeline, real_reference
+from d3pm_hub.evaluation.metrics import real_reference
 from d3pm_hub.pipeline import D3PMPipeline
 from d3pm_hub.training import TrainConfig, train
-
-
-def summary(result: dict) -> dict:
-    """The headline numbers of an evaluation."""
-    keys = ("mean_accuracy", "min_class_accuracy", "mean_confidence", "fd_overall", "fd_floor_overall")
-    out = {k: result[k] for k in keys}
-    out["null_digit_rates"] = result["null_digit_rates"]
-    out["fd_ratio"] = result["fd_overall"] / result["fd_floor_overall"]
-    out["sampling_seconds"] = result["sampling_seconds"]
-    return out
 
 
 def evaluate(
@@ -43,21 +34,7 @@ def evaluate(
     temperature: float = 1.0,
 ) -> dict:
     pipeline = D3PMPipeline.from_pretrained(pipeline_dir).to(device)
-    pipeline.set_progress_bar_config(disable=True)
-
-    def sampler(**kwargs):
-        return pipeline(**kwargs, temperature=temperature)
-
-    result = evaluate_pipeline(
-        sampler,
-        classifier,
-        samples_per_label=samples,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        reference=reference,
-        batch_size=samples,
-    )
-    return {**summary(result), "steps": steps, "guidance_scale": guidance, "temperature": temperature}
+    return evaluate_settings(pipeline, classifier, reference, samples, steps, guidance, temperature)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from .unet import D3PMUNet
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 DEFAULT_NUM_INFERENCE_STEPS = 25
-DEFAULT_GUIDANCE_SCALE = 2.0
+DEFAULT_GUIDANCE_SCALE = 1.25
 
 
 class D3PMPipeline(DiffusionPipeline):
