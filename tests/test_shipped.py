@@ -10,14 +10,15 @@ from d3pm_hub.evaluation import classify, load_classifier
 from d3pm_hub.paths import DEFAULT_PIPELINE
 
 
+@pytest.fixture(scope="module")
+def pipeline() -> D3PMPipeline:
+    pipeline = D3PMPipeline.from_pretrained(DEFAULT_PIPELINE)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 @pytest.mark.slow
 class TestShippedCheckpoint:
-    @pytest.fixture(scope="class")
-    def pipeline(self) -> D3PMPipeline:
-        pipeline = D3PMPipeline.from_pretrained(DEFAULT_PIPELINE)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
     def test_samples_are_read_as_the_requested_digits(self, pipeline):
         labels = torch.arange(10).repeat_interleave(3)
         images = pipeline(labels, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="pt")
