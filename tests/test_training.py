@@ -69,15 +69,27 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
     assert len(losses) == 2
 
 
-def test_two_process_ddp_run_keeps_replicas_in_sync(tmp_path):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    command = [
-        str(torchrun),
-        "--nproc_per_node",
-        "2",
-        str(REPO / "training" / "train.py"),
-        *tiny_cli_args(tmp_path, 4, 0),
-    ]
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_process_ddp_run_keeps_replicas_in_sync(tmp_path, launcher):
+    """DDP over gloo on CPU, launched as `torchrun --nproc_per_node 2` and as `accelerate launch`."""
+    bin_dir = Path(sys.executable).parent
+    if launcher == "torchrun":
+        prefix = [str(bin_dir / "torchrun"), "--nproc_per_node", "2"]
+    else:
+        prefix = [
+            str(bin_dir / "accelerate"),
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+    command = [*prefix, str(REPO / "training" / "train.py"), *tiny_cli_args(tmp_path, 4, 0)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
