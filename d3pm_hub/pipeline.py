@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from .scheduler import D3PMScheduler
 from .unet import D3PMUNet
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-DEFAULT_NUM_INFERENCE_STEPS = 25
-DEFAULT_GUIDANCE_SCALE = 1.25
+DEFAULT_NUM_INFERENCE_STEPS = 15
+DEFAULT_GUIDANCE_SCALE = 1.0
 
 
 class D3PMPipeline(DiffusionPipeline):
@@ -65,27 +66,35 @@ class D3PMPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must lie in 0..{null} ({null} = unconditional), got {labels.tolist()}.")
         return labels.long().to(self._execution_device)
 
+    def unet_with_parameters(self, unet_parameters: dict[str, torch.Tensor]) -> D3PMUNet:
+        """A private copy of the UNet carrying ``unet_parameters`` (names as in ``unet.named_parameters()``).
+
+        Each call that brings its own weights gets its own module (a ~7 MB copy, milliseconds), so concurrent
+        calls with different weights never see each other's tensors.
+        """
+        unet = copy.deepcopy(self.unet)
+        missing_or_unknown = unet.load_state_dict(unet_parameters, strict=False)
+        if missing_or_unknown.unexpected_keys:
+            raise ValueError(f"unet_parameters has names the UNet lacks: {missing_or_unknown.unexpected_keys[:5]}")
+        return unet
+
     def x0_log_probs(
         self,
         sample: torch.LongTensor,
         timestep: torch.Tensor | int,
         class_labels: torch.LongTensor,
         guidance_scale: float,
-        unet_parameters: dict[str, torch.Tensor] | None = None,
+        unet: D3PMUNet | None = None,
     ) -> torch.Tensor:
-        """Guided log p̃(x0 | x_t), ``(B, K, H, W)``.
+        """Guided log p̃(x0 | x_t), ``(B, K, H, W)``, from ``unet`` (default: the pipeline's own).
 
         log p = log p_uncond + s · (log p_cond − log p_uncond), renormalised over the K levels; s = 1 is the
         conditional model, s = 0 the unconditional one (each then needs a single forward pass).
         """
+        unet = self.unet if unet is None else unet
 
         def log_probs(labels: torch.LongTensor, states: torch.LongTensor) -> torch.Tensor:
-            args = (states, timestep, labels)
-            if unet_parameters is None:
-                logits = self.unet(*args)
-            else:
-                logits = torch.func.functional_call(self.unet, unet_parameters, args, strict=False)
-            return torch.log_softmax(logits.double(), dim=1)
+            return torch.log_softmax(unet(states, timestep, labels).double(), dim=1)
 
         null_labels = torch.full_like(class_labels, self.unet.config.num_labels)
         if guidance_scale == 1:
@@ -118,7 +127,7 @@ class D3PMPipeline(DiffusionPipeline):
                 ``"pt"`` ((B, 1, H, W) float in [0, 1]).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             unet_parameters: parameters to use instead of the UNet's own for this call only (e.g. base weights
-                plus erasure deltas); applied functionally, so concurrent calls never share edited weights.
+                plus erasure deltas), loaded into a private copy of the UNet, so concurrent calls never share them.
             temperature: τ in p̃(x0)^{1/τ}: below 1 sharpens the x0 prediction (fewer stray grey levels).
 
         Returns:
@@ -133,11 +142,14 @@ class D3PMPipeline(DiffusionPipeline):
         labels = self._prepare_labels(class_labels)
         device = self._execution_device
         size = self.unet.config.sample_size
-        self.scheduler.set_timesteps(num_inference_steps)
-        sample = self.scheduler.prior_sample((len(labels), 1, size, size), generator, device)
-        for t in self.progress_bar(self.scheduler.timesteps.tolist()):
-            x0_log_probs = self.x0_log_probs(sample, t, labels, guidance_scale, unet_parameters) / temperature
-            sample = self.scheduler.step(x0_log_probs, t, sample, generator=generator).prev_sample
+        unet = self.unet if unet_parameters is None else self.unet_with_parameters(unet_parameters)
+        # A shallow copy per call: set_timesteps rebinds attributes, so concurrent calls never share them.
+        scheduler = copy.copy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps)
+        sample = scheduler.prior_sample((len(labels), 1, size, size), generator, device)
+        for t in self.progress_bar(scheduler.timesteps.tolist()):
+            x0_log_probs = self.x0_log_probs(sample, t, labels, guidance_scale, unet) / temperature
+            sample = scheduler.step(x0_log_probs, t, sample, generator=generator).prev_sample
         images = self.levels_to_images(sample, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 

@@ -1,5 +1,7 @@
 """UNet and pipeline: shapes, cross-attention, guidance, determinism, save/load, bad input."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +76,7 @@ def test_guidance_scale_one_and_zero(pipeline):
 
 
 def test_low_temperature_sharpens_towards_the_x0_argmax(pipeline):
-    cold = sample(pipeline, (4, 4, 4, 4), temperature=1e-3, num_inference_steps=1)
+    cold = sample(pipeline, (4, 4, 4, 4), temperature=1e-3, num_inference_steps=1, guidance_scale=2.0)
     x_t = pipeline.scheduler.prior_sample((4, 1, 28, 28), torch.Generator().manual_seed(0))
     with torch.no_grad():
         argmax = pipeline.x0_log_probs(x_t, 50, torch.tensor([4] * 4), 2.0).argmax(1, keepdim=True)
@@ -89,6 +91,22 @@ def test_unet_parameters_override_is_per_call(pipeline):
     zeros = sample(pipeline, unet_parameters=params)
     assert not torch.equal(zeros, sample(pipeline))
     assert all(p.abs().sum() > 0 for n, p in pipeline.unet.named_parameters() if "weight" in n)
+
+
+def test_concurrent_calls_with_different_weights_and_steps_do_not_mix(pipeline):
+    base = {n: p.detach() for n, p in pipeline.unet.named_parameters()}
+    settings = [({n: p * (1 + 0.05 * i) for n, p in base.items()}, 2 + i % 3) for i in range(6)]
+
+    def run(setting):
+        parameters, steps = setting
+        return sample(pipeline, unet_parameters=parameters, num_inference_steps=steps)
+
+    sequential = [run(setting) for setting in settings]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        concurrent = list(pool.map(run, settings))
+    assert all(torch.equal(a, b) for a, b in zip(sequential, concurrent, strict=True))
+    with pytest.raises(ValueError, match="lacks"):
+        sample(pipeline, unet_parameters={"no.such.weight": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("transition_type", ["uniform", "absorbing", "gaussian"])

@@ -1,0 +1,166 @@
+"""Erasure benchmark: every method erases one digit from the shipped pipeline; efficacy, specificity, attack.
+
+    OMP_NUM_THREADS=2 python benchmarks/erasure.py --digit 9 --samples-per-label 20 \
+        --output benchmarks/results/erasure-9.json
+
+For each method (and the base model): the delta is made (wall time on this machine), every label 0..9 and the
+null label is sampled with it applied (`~d3pm_hub.deltas.compose_parameters` → ``unet_parameters``) and read
+by the shipped classifier (`~d3pm_hub.evaluation.evaluate_pipeline`, DESIGN.md §6). Optionally the
+concept-inversion attack (`~d3pm_hub.erasure.attack`) is run at each step budget and its samples classified.
+Prints a Markdown leaderboard and writes every number to ``--output`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from d3pm_hub import D3PMPipeline
+from d3pm_hub.deltas import compose_parameters
+from d3pm_hub.erasure import METHODS, InferenceTimeErasurePipeline, attacked_parameters, concept_inversion_attack
+from d3pm_hub.evaluation import evaluate_pipeline, load_classifier, real_reference
+from d3pm_hub.evaluation.metrics import classify, sample_images
+from d3pm_hub.paths import DEFAULT_PIPELINE
+
+NEIGHBOURS = {9: (4, 7), 4: (9,), 7: (9, 1), 3: (5, 8), 5: (3, 6), 8: (3, 9)}
+
+# Benchmark hyper-parameters for the shipped model (one short sweep on CPU; see ERASURE_RESULTS.md).
+SETTINGS: dict[str, dict] = {
+    "naive": dict(steps=150, learning_rate=1e-4, batch_size=32),
+    "esd-x": dict(steps=150, learning_rate=1e-3, alpha=1.0),
+    "esd-u": dict(steps=150, learning_rate=3e-4, alpha=1.0),
+    "esd-full": dict(steps=150, learning_rate=3e-4, alpha=1.0),
+    "esd-x-kl": dict(steps=150, learning_rate=1e-3, alpha=1.0),
+    "closed-form": dict(),
+    "sepme": dict(steps=300, learning_rate=3e-3, alpha=1.0),
+}
+
+
+def summarise(result: dict, digit: int, base: dict | None) -> dict:
+    """The leaderboard numbers of one `evaluate_pipeline` result for erased ``digit``."""
+    others = [d for d in range(10) if d != digit]
+    accuracy = result["per_class_accuracy"]
+    row = {
+        "erased_label_rate": result["confusion"][digit][digit],
+        "erased_label_becomes": result["confusion"][digit],
+        "erased_label_confidence": result["per_class_confidence"][digit],
+        "null_rate": result["null_digit_rates"][digit],
+        "other_digits_accuracy": sum(accuracy[d] for d in others) / len(others),
+        "other_digits_min_accuracy": min(accuracy[d] for d in others),
+        "neighbour_accuracy": {d: accuracy[d] for d in NEIGHBOURS.get(digit, ())},
+        "other_digits_fd": sum(result["fd_per_class"][d] for d in others) / len(others),
+    }
+    if base is not None:
+        row["max_accuracy_drop"] = max(base["per_class_accuracy"][d] - accuracy[d] for d in others)
+    return row
+
+
+def attack(pipeline, classifier, digit, parameters, budgets, samples, args) -> dict:
+    """Attack success (classifier rate of ``digit``) at each step budget, and the seconds spent."""
+    result = concept_inversion_attack(pipeline, digit, budgets, parameters, args.attack_learning_rate)
+    success = {}
+    for budget, tokens in result.tokens.items():
+        attacked = attacked_parameters(pipeline, digit, tokens, parameters)
+        images, _ = sample_images(
+            lambda **kw: pipeline(**kw, unet_parameters=attacked),  # noqa: B023
+            [digit],
+            samples,
+            args.num_inference_steps,
+            args.guidance_scale,
+            seed=args.seed,
+        )
+        success[budget] = (classify(classifier, images)[0] == digit).float().mean().item()
+    return {"success": success, "seconds": result.seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_PIPELINE))
+    parser.add_argument("--digit", type=int, default=9)
+    parser.add_argument("--methods", nargs="+", default=["base", "inference-switch", "inference-negative", *METHODS])
+    parser.add_argument("--samples-per-label", type=int, default=100)
+    parser.add_argument("--num-inference-steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--attack-budgets", type=int, nargs="*", default=[])
+    parser.add_argument("--attack-samples", type=int, default=20)
+    parser.add_argument("--attack-learning-rate", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="benchmarks/results/erasure.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    pipeline = D3PMPipeline.from_pretrained(args.model)
+    pipeline.set_progress_bar_config(disable=True)
+    classifier = load_classifier()
+    reference = real_reference(classifier)
+    settings = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+    report = {"args": vars(args), "torch_threads": torch.get_num_threads(), "methods": {}}
+    base = None
+    for method in args.methods:
+        started = time.perf_counter()
+        parameters, sampler = None, pipeline
+        if method.startswith("inference"):
+            scale = 1.0 if method == "inference-negative" else 0.0
+            sampler = InferenceTimeErasurePipeline.wrap(pipeline, [args.digit], negative_scale=scale)
+        elif method != "base":
+            delta = METHODS[method](pipeline, [args.digit], base_model=args.model, **SETTINGS[method])
+            parameters = compose_parameters(pipeline.unet, [delta])
+            sampler = lambda **kw: pipeline(**kw, unet_parameters=parameters)  # noqa: B023, E731
+        erase_seconds = time.perf_counter() - started
+        result = evaluate_pipeline(
+            sampler, classifier, args.samples_per_label, reference=reference, seed=args.seed, **settings
+        )
+        row = summarise(result, args.digit, base)
+        row["erase_seconds"] = erase_seconds
+        row["sampling_seconds"] = result["sampling_seconds"]
+        if args.attack_budgets and not method.startswith("inference"):
+            row["attack"] = attack(
+                pipeline, classifier, args.digit, parameters, args.attack_budgets, args.attack_samples, args
+            )
+        base = result if method == "base" else base
+        report["methods"][method] = {"summary": row, "evaluation": result}
+        print(method, json.dumps({k: v for k, v in row.items() if k != "erased_label_becomes"}), flush=True)
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=1))
+    print(leaderboard(report, args.digit))
+
+
+def leaderboard(report: dict, digit: int) -> str:
+    """A Markdown table of the summaries in ``report``."""
+    neighbours = NEIGHBOURS.get(digit, ())
+    header = (
+        f"| method | rate of {digit} (erased label) | confidence | becomes | rate of {digit} (null label) | "
+        "other digits acc. | max drop | " + " | ".join(f"acc. {d}" for d in neighbours) + " | FD others | "
+        "attack success | erase s |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for method, entry in report["methods"].items():
+        row = entry["summary"]
+        becomes = sorted(enumerate(row["erased_label_becomes"]), key=lambda item: -item[1])[:2]
+        attack_text = " / ".join(f"{s:.2f}@{b}" for b, s in row.get("attack", {}).get("success", {}).items()) or "-"
+        drop = row.get("max_accuracy_drop")
+        cells = [
+            method,
+            f"{row['erased_label_rate']:.3f}",
+            f"{row['erased_label_confidence']:.3f}",
+            ", ".join(f"{d}:{r:.2f}" for d, r in becomes),
+            f"{row['null_rate']:.3f}",
+            f"{row['other_digits_accuracy']:.3f}",
+            "-" if drop is None else f"{drop:+.3f}",
+            *(f"{row['neighbour_accuracy'][d]:.3f}" for d in neighbours),
+            f"{row['other_digits_fd']:.2f}",
+            attack_text,
+            f"{row['erase_seconds']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

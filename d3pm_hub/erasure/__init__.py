@@ -1,0 +1,99 @@
+"""Concept erasure: methods that turn a trained pipeline and digits into a `~d3pm_hub.deltas.ConceptDelta`.
+
+Every method is ``erase_<method>(pipeline, digits, **hyperparameters) -> ConceptDelta``; `METHODS` names
+the variants that `training/erase.py`, the ``d3pm-hub erase`` command and the benchmark run. Inference-time
+erasure changes no weights and lives in `InferenceTimeErasurePipeline`; the concept-inversion attack that
+measures robustness lives in :mod:`.attack`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..deltas import ConceptDelta
+from ..paths import DEFAULT_PIPELINE
+from ..pipeline import D3PMPipeline
+from .attack import AttackResult, attacked_parameters, concept_inversion_attack
+from .closed_form import erase_closed_form
+from .esd import erase_esd
+from .inference import InferenceTimeErasurePipeline
+from .naive import erase_naive
+from .sepme import decoupling_projector, erase_sepme
+
+logger = logging.getLogger(__name__)
+
+METHODS: dict[str, Callable[..., ConceptDelta]] = {
+    "naive": erase_naive,
+    "esd-x": partial(erase_esd, parameters="x"),
+    "esd-u": partial(erase_esd, parameters="u"),
+    "esd-full": partial(erase_esd, parameters="full"),
+    "esd-x-kl": partial(erase_esd, parameters="x", loss="kl"),
+    "closed-form": erase_closed_form,
+    "sepme": erase_sepme,
+}
+
+__all__ = [
+    "METHODS",
+    "AttackResult",
+    "InferenceTimeErasurePipeline",
+    "add_erase_arguments",
+    "attacked_parameters",
+    "concept_inversion_attack",
+    "decoupling_projector",
+    "erase_closed_form",
+    "erase_esd",
+    "erase_naive",
+    "erase_sepme",
+    "run_erase",
+]
+
+
+def parse_hyperparameters(assignments: list[str]) -> dict:
+    """``["alpha=2", "parameters=x"]`` → ``{"alpha": 2, "parameters": "x"}`` (values read as JSON when they parse)."""
+    values = {}
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        if not separator:
+            raise ValueError(f"Hyper-parameters are KEY=VALUE, got {assignment!r}.")
+        try:
+            values[key.replace("-", "_")] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key.replace("-", "_")] = text
+    return values
+
+
+def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``training/erase.py`` and ``d3pm-hub erase``."""
+    parser.add_argument("--method", required=True, choices=sorted(METHODS))
+    parser.add_argument("--digits", type=int, nargs="+", required=True, help="digits erased by one delta")
+    parser.add_argument("--each", action="store_true", help="one delta per digit instead of one for all")
+    parser.add_argument("--model", default=str(DEFAULT_PIPELINE), help="base pipeline folder or Hub repo id")
+    parser.add_argument("--output-dir", default="outputs/deltas", help="writes {output_dir}/digit-{d}.safetensors")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method hyper-parameters")
+    parser.add_argument("--float32", action="store_true", help="store increments in float32 (default float16)")
+
+
+def run_erase(args: argparse.Namespace) -> list[Path]:
+    """Load the base pipeline, erase, and save the delta(s); returns the files written (main process only)."""
+    from accelerate import PartialState
+
+    pipeline = D3PMPipeline.from_pretrained(args.model)
+    pipeline.to(PartialState().device)
+    hyperparameters = parse_hyperparameters(args.set)
+    groups = [[digit] for digit in args.digits] if args.each else [args.digits]
+    written = []
+    for digits in groups:
+        delta = METHODS[args.method](pipeline, digits, base_model=str(args.model), **hyperparameters)
+        if PartialState().is_main_process:
+            name = "digit-" + "-".join(map(str, digits)) + ".safetensors"
+            path = delta.save(Path(args.output_dir) / name, dtype=torch.float32 if args.float32 else torch.float16)
+            logger.info("Wrote %s (%d values, %s)", path, delta.num_parameters(), delta.metrics)
+            written.append(path)
+    return written

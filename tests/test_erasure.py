@@ -1,0 +1,189 @@
+"""Erasure methods on a tiny trained model: each lowers the erased digit; SepME is decoupled and composes exactly.
+
+The tiny model cannot draw digits a classifier would read, so efficacy is measured by a fast proxy grounded in
+the model itself: the *label evidence* of digit d, E[CE(x0 | x_t, ∅) − CE(x0 | x_t, d)] in nats per pixel over
+real images of d (same x_t and t for both labels). A trained model explains its digit better under its own
+label (evidence > 0); erasing d removes that advantage (≈ 0 when d behaves like the null label, < 0 when it
+is guided away from d). The benchmark measures the real rates on the shipped model.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d3pm_hub import D3PMPipeline
+from d3pm_hub.deltas import ConceptDelta, compose_parameters
+from d3pm_hub.erasure import (
+    METHODS,
+    InferenceTimeErasurePipeline,
+    attacked_parameters,
+    concept_inversion_attack,
+    decoupling_projector,
+    erase_closed_form,
+    erase_sepme,
+)
+from d3pm_hub.erasure.common import DigitSampler, select_parameters
+from d3pm_hub.training import TrainConfig, train
+
+from .conftest import TINY_UNET, tiny_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+FAST_GRADIENT = dict(steps=20, learning_rate=1e-2, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> D3PMPipeline:
+    """A tiny class-conditional D3PM (K = 8, T = 50, D = 32) trained for a few seconds on MNIST."""
+    output = tmp_path_factory.mktemp("tiny-trained")
+    config = TrainConfig(
+        output_dir=str(output),
+        num_levels=8,
+        num_train_timesteps=50,
+        batch_size=16,
+        max_steps=150,
+        loss_type="ce",
+        learning_rate=3e-3,
+        lr_warmup_steps=0,
+        ema_decay=0.9,
+        checkpointing_steps=0,
+        save_dtype="float32",
+        **{**TINY_UNET, "cross_attention_dim": 32},
+    )
+    train(config)
+    pipeline = D3PMPipeline.from_pretrained(output / "pipeline")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def logits(pipeline, labels, parameters=None, seed=0, digit=9, count=32):
+    """x0 logits for real images of ``digit`` noised at t ~ U{1..T}, under each of ``labels``."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = DigitSampler.for_digits(pipeline.scheduler, [digit])
+    x0, x_t, t, _ = sampler.draw(pipeline.scheduler, count, generator, "cpu")
+    outputs = []
+    for label in labels:
+        args = (x_t, t, torch.full((count,), label))
+        unet = pipeline.unet
+        outputs.append(unet(*args) if parameters is None else torch.func.functional_call(unet, parameters, args))
+    return x0, outputs
+
+
+def evidence(pipeline, digit=9, parameters=None) -> float:
+    """Label evidence of ``digit`` (nats per pixel): CE under the null label minus CE under the digit's label."""
+    x0, (cond, null) = logits(pipeline, [digit, 10], parameters, digit=digit)
+    return (F.cross_entropy(null, x0[:, 0]) - F.cross_entropy(cond, x0[:, 0])).item()
+
+
+def test_the_fixture_model_is_conditional(trained):
+    assert evidence(trained) > 0.003
+
+
+def test_closed_form_maps_the_erased_label_onto_null_and_keeps_the_others(trained):
+    delta = erase_closed_form(trained, [9], ridge=1e-4)
+    assert set(delta.tensors) == set(select_parameters(trained.unet, "context"))
+    parameters = compose_parameters(trained.unet, [delta])
+    assert abs(evidence(trained, 9, parameters)) < 0.1 * evidence(trained)
+    _, base = logits(trained, [4, 7, 10])
+    _, edited = logits(trained, [4, 7, 10], parameters)
+    for before, after in zip(base, edited, strict=True):
+        torch.testing.assert_close(after, before, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["esd-x", "esd-u", "esd-full", "esd-x-kl"])
+def test_esd_variants_lower_the_erased_digit(trained, method):
+    delta = METHODS[method](trained, [9], alpha=1.0, **FAST_GRADIENT)
+    assert delta.method == method and delta.concepts == [9]
+    after = evidence(trained, 9, compose_parameters(trained.unet, [delta]))
+    assert after < 0.5 * evidence(trained)
+
+
+def test_naive_fine_tunes_every_weight(trained):
+    """The floor: it runs and edits everything; its (lack of) efficacy is measured by the benchmark."""
+    delta = METHODS["naive"](trained, [9], steps=3, batch_size=8)
+    assert set(delta.tensors) == {name for name, _ in trained.unet.named_parameters()}
+    assert all(torch.isfinite(t).all() for t in delta.tensors.values())
+
+
+@pytest.fixture(scope="module")
+def sepme_deltas(trained) -> dict[int, ConceptDelta]:
+    return {digit: erase_sepme(trained, [digit], steps=40, learning_rate=1e-2, batch_size=8) for digit in (9, 4)}
+
+
+def test_sepme_lowers_the_erased_digit(trained, sepme_deltas):
+    parameters = compose_parameters(trained.unet, [sepme_deltas[9]])
+    assert evidence(trained, 9, parameters) < 0.5 * evidence(trained)
+    assert sepme_deltas[9].metrics["steps_run"] <= 40
+
+
+def test_sepme_increments_leave_other_labels_unchanged(trained, sepme_deltas):
+    parameters = compose_parameters(trained.unet, [sepme_deltas[9]])
+    others = [0, 4, 7, 10]
+    _, base = logits(trained, others)
+    _, edited = logits(trained, others, parameters)
+    for before, after in zip(base, edited, strict=True):
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_sepme_pairs_compose_additively_and_restore_exactly(trained, sepme_deltas):
+    alone = {d: compose_parameters(trained.unet, [sepme_deltas[d]]) for d in (9, 4)}
+    both = compose_parameters(trained.unet, [sepme_deltas[9], sepme_deltas[4]])
+    for digit in (9, 4):
+        _, (single,) = logits(trained, [digit], alone[digit], digit=digit)
+        _, (paired,) = logits(trained, [digit], both, digit=digit)
+        torch.testing.assert_close(paired, single, atol=1e-5, rtol=1e-5)
+    assert evidence(trained, 4, both) < 0.5 * evidence(trained, 4)
+    # Restore 4 (drop its delta): 4 comes back exactly, 9 stays erased.
+    _, (restored,) = logits(trained, [4], alone[9], digit=4)
+    _, (base,) = logits(trained, [4], digit=4)
+    torch.testing.assert_close(restored, base, atol=1e-5, rtol=1e-5)
+    half = compose_parameters(trained.unet, [(sepme_deltas[9], 0.5)])
+    assert evidence(trained, 9, both) < evidence(trained, 9, half) < evidence(trained)
+
+
+def test_decoupling_needs_room_in_the_context_space():
+    with pytest.raises(ValueError, match="no decoupled edit"):
+        decoupling_projector(tiny_pipeline().unet, [9])  # D = 16 < 22 preserved tokens
+
+
+def test_inference_time_switching_and_negative_guidance(trained):
+    switched = InferenceTimeErasurePipeline.wrap(trained, [9])
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    erased = switched([9, 3], num_inference_steps=3, output_type="pt", generator=generator()).images
+    reference = trained([10, 3], num_inference_steps=3, output_type="pt", generator=generator()).images
+    assert torch.equal(erased, reference)
+    negative = InferenceTimeErasurePipeline.wrap(trained, [9], negative_scale=2.0)
+    sampler = DigitSampler.for_digits(trained.scheduler, [9])
+    x0 = sampler.images[:32]
+    t = 25
+    x_t = trained.scheduler.add_noise(x0, torch.full((32,), t), torch.Generator().manual_seed(0))
+    labels = torch.full((32,), 9)
+    with torch.no_grad():
+        plain = F.nll_loss(switched.x0_log_probs(x_t, t, labels, 2.0).float(), x0[:, 0])
+        guided = F.nll_loss(negative.x0_log_probs(x_t, t, labels, 2.0).float(), x0[:, 0])
+    assert guided > plain  # real 9s are less likely under negative guidance
+
+
+def test_concept_inversion_attack_recovers_evidence(trained):
+    delta = erase_closed_form(trained, [9])
+    erased = compose_parameters(trained.unet, [delta])
+    result = concept_inversion_attack(trained, 9, budgets=(5, 30), unet_parameters=erased, learning_rate=0.05)
+    assert set(result.tokens) == {5, 30} and result.tokens[30].shape == (2, 32)
+    attacked = attacked_parameters(trained, 9, result.tokens[30], erased)
+    assert evidence(trained, 9, attacked) > evidence(trained, 9, erased)
+
+
+def test_erase_script_writes_a_loadable_delta(trained, tmp_path):
+    trained.save_pretrained(tmp_path / "base")
+    command = [sys.executable, str(REPO / "training" / "erase.py"), "--method", "closed-form", "--digits", "9", "4"]
+    command += ["--each", "--model", str(tmp_path / "base"), "--output-dir", str(tmp_path / "deltas")]
+    command += ["--set", "ridge=0.001"]
+    subprocess.run(command, check=True, capture_output=True, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    for digit in (9, 4):
+        delta = ConceptDelta.load(tmp_path / "deltas" / f"digit-{digit}.safetensors")
+        assert delta.concepts == [digit] and delta.hyperparameters["ridge"] == 0.001
+        compose_parameters(D3PMPipeline.from_pretrained(tmp_path / "base").unet, [delta])
