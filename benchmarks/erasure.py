@@ -26,10 +26,11 @@ from d3pm_hub.erasure import METHODS, InferenceTimeErasurePipeline, attacked_par
 from d3pm_hub.evaluation import evaluate_pipeline, load_classifier, real_reference
 from d3pm_hub.evaluation.metrics import classify, sample_images
 from d3pm_hub.paths import DEFAULT_PIPELINE
+from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
 NEIGHBOURS = {9: (4, 7), 4: (9,), 7: (9, 1), 3: (5, 8), 5: (3, 6), 8: (3, 9)}
 
-# Benchmark hyper-parameters for the shipped model (one short sweep on CPU; see ERASURE_RESULTS.md).
+# Benchmark hyper-parameters for the shipped model (one short sweep on CPU; see BENCHMARKS.md, "Concept erasure").
 SETTINGS: dict[str, dict] = {
     "naive": dict(steps=150, learning_rate=1e-4, batch_size=32),
     "esd-x": dict(steps=150, learning_rate=1e-3, alpha=1.0),
@@ -38,6 +39,7 @@ SETTINGS: dict[str, dict] = {
     "esd-x-kl": dict(steps=150, learning_rate=1e-3, alpha=1.0),
     "closed-form": dict(),
     "sepme": dict(steps=300, learning_rate=3e-3, alpha=1.0),
+    "separable": dict(null_alpha=1.0, steps=100, learning_rate=3e-3, batch_size=16),
 }
 
 
@@ -84,8 +86,8 @@ def main() -> None:
     parser.add_argument("--digit", type=int, default=9)
     parser.add_argument("--methods", nargs="+", default=["base", "inference-switch", "inference-negative", *METHODS])
     parser.add_argument("--samples-per-label", type=int, default=100)
-    parser.add_argument("--num-inference-steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--num-inference-steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
+    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--attack-budgets", type=int, nargs="*", default=[])
     parser.add_argument("--attack-samples", type=int, default=20)
     parser.add_argument("--attack-learning-rate", type=float, default=1e-2)

@@ -10,9 +10,8 @@ the touched parameters θ₀ + Σ sᵢ Δᵢ. `fuse` bakes them into a private c
 milliseconds): the thread-safe way to serve concurrent requests with different deltas, since the copies share
 nothing. `apply_deltas` / `remove_deltas` write the same values into the UNet in place (keeping the base
 tensors, so removal restores them bit for bit) and `deltas_applied` does that for one block under a
-per-pipeline lock. Note: ``pipeline(..., unet_parameters=compose_parameters(...))`` goes through
-``torch.func.functional_call``, which swaps the module's tensors for the duration of the call: correct for one
-caller at a time, but concurrent threads on one pipeline can see each other's weights (measured).
+per-pipeline lock. ``pipeline(..., unet_parameters=compose_parameters(...))`` loads the composed weights into a
+private copy of the UNet for that call, so concurrent callers with different deltas never share weights.
 """
 
 from __future__ import annotations

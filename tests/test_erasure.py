@@ -187,3 +187,71 @@ def test_erase_script_writes_a_loadable_delta(trained, tmp_path):
         delta = ConceptDelta.load(tmp_path / "deltas" / f"digit-{digit}.safetensors")
         assert delta.concepts == [digit] and delta.hyperparameters["ridge"] == 0.001
         compose_parameters(D3PMPipeline.from_pretrained(tmp_path / "base").unet, [delta])
+
+
+def test_exact_closed_form_is_decoupled_and_maps_onto_null(trained):
+    delta = erase_closed_form(trained, [9])  # ridge 0: exact minimum-norm solution
+    parameters = compose_parameters(trained.unet, [delta])
+    _, (nine, null) = logits(trained, [9, 10], parameters)
+    torch.testing.assert_close(nine, null, atol=1e-4, rtol=1e-4)
+    _, base = logits(trained, [0, 4, 10])
+    _, edited = logits(trained, [0, 4, 10], parameters)
+    for before, after in zip(base, edited, strict=True):
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_closed_form_null_edit_adds_across_digits(trained):
+    """With null_alpha the null label's keys/values move; two digits' null edits add exactly in weight space."""
+    deltas = {d: erase_closed_form(trained, [d], alpha=1.0, null_alpha=0.5) for d in (9, 4)}
+    joint = erase_closed_form(trained, [9, 4], alpha=1.0, null_alpha=0.5)
+    both = compose_parameters(trained.unet, list(deltas.values()))
+    together = compose_parameters(trained.unet, [joint])
+    _, (null_base,) = logits(trained, [10])
+    _, (null_pair, nine_pair, four_pair, seven_pair) = logits(trained, [10, 9, 4, 7], both)
+    _, (null_joint, nine_joint, four_joint, seven_joint) = logits(trained, [10, 9, 4, 7], together)
+    assert (null_pair - null_base).abs().max() > 1e-3
+    for pair, single in ((null_pair, null_joint), (nine_pair, nine_joint), (four_pair, four_joint)):
+        torch.testing.assert_close(pair, single, atol=1e-4, rtol=1e-4)
+    _, (seven_base,) = logits(trained, [7])
+    torch.testing.assert_close(seven_pair, seven_base, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def separable_deltas(trained) -> dict[int, ConceptDelta]:
+    return {d: METHODS["separable"](trained, [d], steps=20, learning_rate=1e-2, batch_size=8) for d in (9, 4)}
+
+
+def fit(pipeline, digit=9, label=10, parameters=None) -> float:
+    """How well ``label`` explains real ``digit``s: −CE(x0 | x_t, label) in nats per pixel (higher is better)."""
+    x0, (output,) = logits(pipeline, [label], parameters, digit=digit)
+    return -F.cross_entropy(output, x0[:, 0]).item()
+
+
+def test_separable_erases_the_label_and_the_unconditional_model(trained, separable_deltas):
+    delta = separable_deltas[9]
+    assert delta.method == "separable" and set(delta.tensors) == set(select_parameters(trained.unet, "context"))
+    parameters = compose_parameters(trained.unet, [delta])
+    assert fit(trained, 9, 9, parameters) < fit(trained, 9, 9) - 0.01  # label 9 explains real 9s worse
+    assert fit(trained, 9, 10, parameters) < fit(trained, 9, 10) - 0.01  # and so does the null label
+
+
+def test_separable_leaves_other_labels_exactly_and_composes(trained, separable_deltas):
+    alone = compose_parameters(trained.unet, [separable_deltas[9]])
+    both = compose_parameters(trained.unet, [separable_deltas[9], separable_deltas[4]])
+    _, base = logits(trained, [0, 4, 7])
+    _, edited = logits(trained, [0, 4, 7], alone)
+    for before, after in zip(base, edited, strict=True):
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert fit(trained, 4, 4, both) < fit(trained, 4, 4) - 0.003
+    assert fit(trained, 4, 10, both) < fit(trained, 4, 10, alone) - 0.003
+    _, (seven_base,) = logits(trained, [7])
+    _, (seven_both,) = logits(trained, [7], both)
+    torch.testing.assert_close(seven_both, seven_base, atol=1e-5, rtol=1e-5)
+
+
+def test_separable_anchor_maps_the_label_onto_the_anchor(trained):
+    delta = METHODS["separable"](trained, [9], anchor=7, steps=5, learning_rate=1e-2, batch_size=8)
+    _, (nine, seven) = logits(trained, [9, 7], compose_parameters(trained.unet, [delta]))
+    torch.testing.assert_close(nine, seven, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="anchor"):
+        METHODS["separable"](trained, [9], anchor=9, steps=1)

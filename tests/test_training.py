@@ -80,7 +80,7 @@ def run_launcher(prefix: list[str], output_dir: Path) -> subprocess.CompletedPro
 
 def test_two_process_ddp_run_keeps_replicas_in_sync(tmp_path):
     """DDP over gloo on CPU: `torchrun --nproc_per_node 2 training/train.py`."""
-    run_launcher([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"], tmp_path)
+    run_launcher([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"], tmp_path)
     checksums = json.loads((tmp_path / "replica_checksums.json").read_text())
     assert len(checksums) == 2 and checksums[0] == pytest.approx(checksums[1], abs=0, rel=0)
 

@@ -45,6 +45,8 @@ DEFAULT_DELTAS_FOLDER = PRETRAINED / "deltas"
 # The pipeline's defaults (chosen in BENCHMARKS.md): 15 steps without guidance meet the quality bar, and a grid of
 # 10 digits costs 15 forward passes of 10 images (guidance would double the batch).
 DEFAULT_SEED = 0
+# The shipped default (BENCHMARKS.md, erasure): removes the digit from its label and from unconditional samples.
+DEFAULT_METHOD = "separable"
 DEFAULT_SAMPLES_PER_DIGIT = 1
 DEFAULT_MAX_CONCURRENT_REQUESTS = 2
 MAX_NUM_INFERENCE_STEPS = 100
@@ -242,8 +244,8 @@ class EraserService:
 
     @property
     def methods(self) -> list[str]:
-        """Erasure methods with at least one delta, sorted."""
-        return sorted(self.deltas)
+        """Erasure methods with at least one delta: the default method first, then the rest sorted."""
+        return sorted(self.deltas, key=lambda method: (method != DEFAULT_METHOD, method))
 
     @property
     def max_num_inference_steps(self) -> int:

@@ -25,6 +25,7 @@ from .closed_form import erase_closed_form
 from .esd import erase_esd
 from .inference import InferenceTimeErasurePipeline
 from .naive import erase_naive
+from .separable import erase_separable
 from .sepme import decoupling_projector, erase_sepme
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ METHODS: dict[str, Callable[..., ConceptDelta]] = {
     "esd-x-kl": partial(erase_esd, parameters="x", loss="kl"),
     "closed-form": erase_closed_form,
     "sepme": erase_sepme,
+    "separable": erase_separable,
 }
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "erase_esd",
     "erase_naive",
     "erase_sepme",
+    "erase_separable",
     "run_erase",
 ]
 

@@ -1,0 +1,120 @@
+"""Make the shipped deltas of one method for every digit and store measured metrics in each delta's metadata.
+
+    OMP_NUM_THREADS=1 python benchmarks/erasure_ship.py --method separable --samples 30 --other-samples 5 \
+        --output benchmarks/results/erasure-separable-digits.json
+
+For each digit d: the delta is made with ``SETTINGS[method]`` (``benchmarks/erasure.py``), saved in fp16 to
+``pretrained/deltas/{method}/digit-{d}.safetensors``, loaded back, and measured at the pipeline's default sampler
+settings: label d (``--samples``), the null label (``--samples``) and every other digit (``--other-samples`` each).
+The metrics (rate of d among label-d and null-label samples, confidence, what label d becomes, other digits'
+accuracy) are written into the delta's ``metrics`` metadata (shown by its model card) and to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from d3pm_hub import D3PMPipeline
+from d3pm_hub.deltas import ConceptDelta, compose_parameters
+from d3pm_hub.erasure import METHODS
+from d3pm_hub.evaluation import load_classifier
+from d3pm_hub.evaluation.classifier import predict_proba
+from d3pm_hub.evaluation.metrics import sample_images
+from d3pm_hub.paths import DEFAULT_PIPELINE, PRETRAINED
+from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
+
+NULL = 10
+
+
+def measure(pipeline, classifier, digit, parameters, samples, other_samples, seed=0) -> dict:
+    """Rates and confidences of ``digit``'s label, the null label and the other digits with ``parameters``."""
+    call = (lambda **kw: pipeline(**kw, unet_parameters=parameters)) if parameters else pipeline
+    settings = dict(num_inference_steps=DEFAULT_NUM_INFERENCE_STEPS, guidance_scale=DEFAULT_GUIDANCE_SCALE, seed=seed)
+    images, labels = sample_images(call, [digit, NULL], samples, **settings)
+    others = [d for d in range(10) if d != digit]
+    other_images, other_labels = sample_images(call, others, other_samples, **settings)
+    probs = predict_proba(classifier, torch.cat([images, other_images]))
+    labels = torch.cat([labels, other_labels])
+    predicted, confidence = probs.argmax(1), probs.max(1).values
+    erased, null = labels == digit, labels == NULL
+    other_accuracy = {d: (predicted[labels == d] == d).float().mean().item() for d in others}
+    return {
+        "erased_label_rate": (predicted[erased] == digit).float().mean().item(),
+        "erased_label_confidence": confidence[erased].mean().item(),
+        "erased_label_becomes": torch.bincount(predicted[erased], minlength=10).tolist(),
+        "null_rate": (predicted[null] == digit).float().mean().item(),
+        "null_confidence": confidence[null].mean().item(),
+        "other_digits_accuracy": sum(other_accuracy.values()) / len(others),
+        "other_digits_min_accuracy": min(other_accuracy.values()),
+        "accuracy_per_label": [round(other_accuracy[d], 3) if d != digit else None for d in range(10)],
+        "samples": {"erased_label": samples, "null_label": samples, "each_other_digit": other_samples},
+        "sampler": {"num_inference_steps": DEFAULT_NUM_INFERENCE_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="separable")
+    parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--other-samples", type=int, default=5)
+    parser.add_argument("--reuse", action="store_true", help="measure existing delta files instead of remaking them")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    from erasure import SETTINGS  # benchmarks/erasure.py
+
+    pipeline = D3PMPipeline.from_pretrained(DEFAULT_PIPELINE)
+    pipeline.set_progress_bar_config(disable=True)
+    classifier = load_classifier()
+    folder = PRETRAINED / "deltas" / args.method
+    output = Path(args.output or f"benchmarks/results/erasure-{args.method}-digits.json")
+    report = json.loads(output.read_text()) if output.is_file() else {}
+    report["args"] = vars(args)
+    report.setdefault("digits", {})
+    if "base" not in report:  # the base model's per-label accuracy at the same seeds, for the specificity check
+        images, labels = sample_images(
+            pipeline, list(range(10)), args.other_samples, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE, seed=0
+        )
+        predicted = predict_proba(classifier, images).argmax(1)
+        report["base"] = {
+            "accuracy_per_label": [(predicted[labels == d] == d).float().mean().item() for d in range(10)],
+            "samples_per_label": args.other_samples,
+        }
+    for digit in args.digits:
+        path = folder / f"digit-{digit}.safetensors"
+        started = time.perf_counter()
+        if not args.reuse:
+            delta = METHODS[args.method](pipeline, [digit], base_model="pretrained/d3pm-mnist", **SETTINGS[args.method])
+            delta.save(path)
+        delta = ConceptDelta.load(path)
+        delta.metadata["base_model"] = delta.metadata.get("base_model") or "pretrained/d3pm-mnist"
+        metrics = {
+            key: value for key, value in delta.metrics.items() if key in ("erase_seconds", "final_loss", "steps_run")
+        }
+        metrics.update(
+            measure(
+                pipeline,
+                classifier,
+                digit,
+                compose_parameters(pipeline.unet, [delta]),
+                args.samples,
+                args.other_samples,
+            )
+        )
+        attack = report["digits"].get(str(digit), {}).get("attack")
+        if attack:
+            metrics["attack_success"] = attack
+        delta.metadata["metrics"] = json.dumps(metrics, sort_keys=True)
+        delta.save(path)
+        report["digits"][str(digit)] = metrics
+        output.write_text(json.dumps(report, indent=1))
+        print(digit, f"{time.perf_counter() - started:.0f}s", json.dumps(metrics), flush=True)
+
+
+if __name__ == "__main__":
+    main()
