@@ -51,6 +51,7 @@ def summarise(result: dict, digit: int, base: dict | None) -> dict:
         "erased_label_rate": result["confusion"][digit][digit],
         "erased_label_becomes": result["confusion"][digit],
         "erased_label_confidence": result["per_class_confidence"][digit],
+        "erased_label_fd_as_read": result["fd_as_read_per_class"][digit],
         "null_rate": result["null_digit_rates"][digit],
         "other_digits_accuracy": sum(accuracy[d] for d in others) / len(others),
         "other_digits_min_accuracy": min(accuracy[d] for d in others),
@@ -137,9 +138,10 @@ def leaderboard(report: dict, digit: int) -> str:
     """A Markdown table of the summaries in ``report``."""
     neighbours = NEIGHBOURS.get(digit, ())
     header = (
-        f"| method | rate of {digit} (erased label) | confidence | becomes | rate of {digit} (null label) | "
-        "other digits acc. | max drop | " + " | ".join(f"acc. {d}" for d in neighbours) + " | FD others | "
-        "attack success | erase s |"
+        f"| method | rate of {digit} (erased label) | confidence | FD as read | becomes | "
+        f"rate of {digit} (null label) | other digits acc. | max drop | "
+        + " | ".join(f"acc. {d}" for d in neighbours)
+        + " | FD others | attack success | erase s |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for method, entry in report["methods"].items():
@@ -151,6 +153,7 @@ def leaderboard(report: dict, digit: int) -> str:
             method,
             f"{row['erased_label_rate']:.3f}",
             f"{row['erased_label_confidence']:.3f}",
+            f"{row['erased_label_fd_as_read']:.2f}",
             ", ".join(f"{d}:{r:.2f}" for d, r in becomes),
             f"{row['null_rate']:.3f}",
             f"{row['other_digits_accuracy']:.3f}",

@@ -4,6 +4,9 @@
         --partners 0 1 2 3 4 5 6 7 8 --strengths 0 0.25 0.5 0.75 1 \
         --output benchmarks/results/erasure-separable-compose-9.json
 
+* matrix (``--matrix``): every pair {a, b} of digits erased by composing their deltas: the rate of every digit
+  among label-a, label-b and null-label samples (so a digit leaking into the other's label shows), and how far
+  label b's keys/values are from the base model's once b is restored (its delta dropped);
 * pairs: for each partner b, the deltas of ``--digit`` a and b composed by addition; the rate of a among label-a
   samples, of b among label-b samples, of each among null-label samples; then b restored (its delta dropped):
   label b's accuracy (should return to the base model's) and label a's rate (should stay erased);
@@ -18,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -27,6 +31,7 @@ import torch
 from d3pm_hub import D3PMPipeline
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.erasure import attacked_parameters, concept_inversion_attack
+from d3pm_hub.erasure.anchors import context_token_table
 from d3pm_hub.evaluation import load_classifier
 from d3pm_hub.evaluation.classifier import predict_proba
 from d3pm_hub.evaluation.metrics import sample_images
@@ -34,7 +39,6 @@ from d3pm_hub.paths import DEFAULT_PIPELINE, PRETRAINED
 from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
 NULL = 10
-NEIGHBOURS = {9: (4, 7), 4: (9,), 7: (9, 1), 3: (5, 8), 5: (3, 6), 8: (3, 9)}
 
 
 def predictions(pipeline, classifier, parameters, labels, samples) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -53,10 +57,34 @@ def rate(result, label, digit) -> float:
     return (result[label][0] == digit).float().mean().item()
 
 
+def histogram(result, label) -> list[float]:
+    """Rate of each digit 0..9 among ``label``'s samples."""
+    return (torch.bincount(result[label][0], minlength=10).float() / len(result[label][0])).tolist()
+
+
+def pair_row(pipeline, classifier, delta, a, b, samples) -> dict:
+    """Digits {a, b} erased together: what labels a, b and the null label draw; b's keys/values after restoring it."""
+    composed = compose_parameters(pipeline.unet, [delta[a], delta[b]])
+    result = predictions(pipeline, classifier, composed, [a, b, NULL], samples)
+    alone = compose_parameters(pipeline.unet, [delta[a]])  # b restored: its keys/values should be the base's
+    base = dict(pipeline.unet.named_parameters())
+    tokens = context_token_table(base)[0][b].T.float()
+    change = max((alone[name] @ tokens - base[name].detach() @ tokens).abs().max().item() for name in alone)
+    return {
+        "label_a": histogram(result, a),
+        "label_b": histogram(result, b),
+        "null": histogram(result, NULL),
+        "confidence_a": result[a][1].mean().item(),
+        "confidence_b": result[b][1].mean().item(),
+        "restore_b_max_key_value_change": change,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="separable")
     parser.add_argument("--digit", type=int, default=9)
+    parser.add_argument("--matrix", action="store_true", help="all 45 pairs of digits")
     parser.add_argument("--partners", type=int, nargs="*", default=[])
     parser.add_argument("--strengths", type=float, nargs="*", default=[])
     parser.add_argument("--samples", type=int, default=30)
@@ -65,15 +93,25 @@ def main() -> None:
     parser.add_argument("--attack-samples", type=int, default=20)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
+    from erasure import NEIGHBOURS  # benchmarks/erasure.py
+
     pipeline = D3PMPipeline.from_pretrained(DEFAULT_PIPELINE)
     pipeline.set_progress_bar_config(disable=True)
     classifier = load_classifier()
     folder = PRETRAINED / "deltas" / args.method
     wanted = {args.digit, *args.partners} if args.partners or args.strengths else set()
-    delta = {d: ConceptDelta.load(folder / f"digit-{d}.safetensors") for d in wanted}
+    delta = {
+        d: ConceptDelta.load(folder / f"digit-{d}.safetensors")
+        for d in wanted | (set(range(10)) if args.matrix else set())
+    }
     a, n = args.digit, args.samples
-    report = {"args": vars(args), "pairs": {}, "sweep": {}, "attack": {}}
+    report = {"args": vars(args), "matrix": {}, "pairs": {}, "sweep": {}, "attack": {}}
     output = Path(args.output)
+    for first, second in itertools.combinations(range(10) if args.matrix else [], 2):
+        row = pair_row(pipeline, classifier, delta, first, second, n)
+        report["matrix"][f"{first}+{second}"] = row
+        output.write_text(json.dumps(report, indent=1))
+        print("matrix", first, second, json.dumps(row), flush=True)
     for b in args.partners:
         both = predictions(
             pipeline, classifier, compose_parameters(pipeline.unet, [delta[a], delta[b]]), [a, b, NULL], n

@@ -196,9 +196,16 @@ def _normalise(deltas: Iterable[DeltaSpec]) -> list[tuple[ConceptDelta, float]]:
 def _compose(
     base_parameters: dict[str, torch.Tensor], base_hash: str, deltas: Iterable[DeltaSpec]
 ) -> dict[str, torch.Tensor]:
-    """θ₀ + Σ sᵢ Δᵢ for the parameters the deltas touch, after checking each delta against the base."""
+    """θ₀ + Σ sᵢ Δᵢ for the parameters the deltas touch, after checking each delta against the base.
+
+    Deltas that anchor an erased label onto another digit (``separable``) get the closed-form correction of
+    `~d3pm_hub.erasure.anchors.anchor_corrections` when that digit is erased in the same composition.
+    """
+    from .erasure.anchors import anchor_corrections  # erasure builds on this module: import at call time
+
+    pairs = _normalise(deltas)
     composed: dict[str, torch.Tensor] = {}
-    for delta, strength in _normalise(deltas):
+    for delta, strength in pairs:
         label = f"delta {delta.metadata.get('method', '?')} for concepts {delta.metadata.get('concepts', '?')}"
         delta.validate(label)
         if delta.metadata["base_model_hash"] != base_hash:
@@ -217,7 +224,11 @@ def _compose(
                 )
             current = composed.get(name, base)
             composed[name] = current + strength * increment.to(device=base.device, dtype=base.dtype)
-    return composed
+    corrections = anchor_corrections(base_parameters, composed, pairs)
+    return {
+        name: value + corrections[name].to(value.device) if name in corrections else value
+        for name, value in composed.items()
+    }
 
 
 def compose_parameters(unet: torch.nn.Module, deltas: Iterable[DeltaSpec]) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ label (evidence > 0); erasing d removes that advantage (≈ 0 when d behaves lik
 is guided away from d). The benchmark measures the real rates on the shipped model.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from d3pm_hub.erasure import (
     erase_closed_form,
     erase_sepme,
 )
+from d3pm_hub.erasure.anchors import anchors_of, context_token_table, rank_anchors
 from d3pm_hub.erasure.common import DigitSampler, select_parameters
 from d3pm_hub.training import TrainConfig, train
 
@@ -255,3 +257,42 @@ def test_separable_anchor_maps_the_label_onto_the_anchor(trained):
     torch.testing.assert_close(nine, seven, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="anchor"):
         METHODS["separable"](trained, [9], anchor=9, steps=1)
+    with pytest.raises(ValueError, match="anchor"):
+        METHODS["separable"](trained, [9], anchor="nearest", steps=1)
+
+
+def test_separable_auto_anchor_is_the_digit_least_able_to_draw_the_erased_one(trained, separable_deltas):
+    ranked = anchors_of(separable_deltas[9].hyperparameters)[9]
+    assert sorted(ranked) == [0, 1, 2, 3, 4, 5, 6, 7, 8] and ranked == rank_anchors(trained.unet, trained.scheduler, 9)
+    assert fit(trained, 9, ranked[0]) <= fit(trained, 9, ranked[-1])
+    _, (nine, anchor) = logits(trained, [9, ranked[0]], compose_parameters(trained.unet, [separable_deltas[9]]))
+    torch.testing.assert_close(nine, anchor, atol=1e-4, rtol=1e-4)
+
+
+def test_an_erased_anchor_moves_the_label_to_the_next_anchor(trained):
+    nine = METHODS["separable"](trained, [9], anchor=7, **FAST_GRADIENT)
+    ranked = anchors_of(nine.hyperparameters)[9]
+    seven = erase_closed_form(trained, [7])
+    both = compose_parameters(trained.unet, [nine, seven])
+    _, (label_nine, label_seven) = logits(trained, [9, 7], both)
+    _, (next_anchor, seven_alone) = logits(trained, [ranked[1], 7], compose_parameters(trained.unet, [seven]))
+    torch.testing.assert_close(label_nine, next_anchor, atol=1e-4, rtol=1e-4)  # not the base model's 7
+    torch.testing.assert_close(label_seven, seven_alone, atol=1e-4, rtol=1e-4)
+    half = compose_parameters(trained.unet, [(nine, 0.5), seven])  # keys/values linear in the strength
+    base = dict(trained.unet.named_parameters())
+    table, _ = context_token_table(base)
+    for name in nine.tensors:
+        weight = base[name].detach().double()
+        expected = (weight @ table[9].T + weight @ table[ranked[1]].T) / 2
+        torch.testing.assert_close(half[name].double() @ table[9].T, expected, atol=1e-4, rtol=1e-4)
+    restored = compose_parameters(trained.unet, [nine])  # dropping 7's delta gives the plain anchor back
+    _, (label_nine_alone, base_seven) = logits(trained, [9, 7], restored)
+    torch.testing.assert_close(label_nine_alone, base_seven, atol=1e-4, rtol=1e-4)
+
+
+def test_with_every_anchor_erased_the_label_draws_the_edited_null_label(trained):
+    nine = METHODS["separable"](trained, [9], anchor=7, **FAST_GRADIENT)
+    nine.metadata["hyperparameters"] = json.dumps({**nine.hyperparameters, "anchors": {"9": [7]}})
+    both = compose_parameters(trained.unet, [nine, erase_closed_form(trained, [7])])
+    _, (label_nine, null) = logits(trained, [9, 10], both)
+    torch.testing.assert_close(label_nine, null, atol=1e-4, rtol=1e-4)

@@ -110,6 +110,20 @@ def test_real_held_out_digits_score_near_the_floor(classifier, reference, test_d
     assert result["null_digit_rates"] is None and result["fd_null"] is None
 
 
+def test_fd_as_read_scores_clean_digits_of_another_class(classifier, reference, test_digits):
+    """Real 4s and 7s generated "for label 9" are far from real 9s but close to the digits they are read as."""
+    images, labels = test_digits
+    relabelled = labels.clone()
+    relabelled[(labels == 4) | (labels == 7)] = 9
+    kept = (labels == 4) | (labels == 7) | (labels == 0)
+    result = evaluate_images(classifier, images[kept], relabelled[kept], reference)
+    assert result["per_class_accuracy"][9] < 0.05
+    assert result["fd_as_read_per_class"][9] < 3 * max(reference.fd_floor_per_class[d] for d in (4, 7))
+    assert result["fd_per_class"][9] > 5 * result["fd_as_read_per_class"][9]
+    assert result["fd_as_read_per_class"][0] == pytest.approx(result["fd_per_class"][0], rel=0.5)
+    assert result["fd_as_read_per_class"][1] is None
+
+
 @pytest.mark.parametrize("kind", ["uniform noise", "blank"])
 def test_noise_and_blank_images_score_low(classifier, reference, test_digits, kind):
     _, labels = test_digits
@@ -148,6 +162,7 @@ def test_evaluate_pipeline_schema(classifier, reference, test_digits, tmp_path):
         "mean_confidence",
         "confusion",
         "fd_per_class",
+        "fd_as_read_per_class",
         "fd_overall",
         "fd_floor_per_class",
         "fd_floor_overall",

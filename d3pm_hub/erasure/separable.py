@@ -10,9 +10,12 @@ This method edits both labels' keys and values in every ``attn2.to_k/to_v``, and
 
   is distilled into the null label's keys and values (KL(p* ‖ p_θ(· | x_t, ∅)) on x_t from real digits of every
   class): the sampler's own "negative prompt", built into the weights;
-* **erased label** — either trained to the same target (``anchor=None``: label e draws what the edited null label
-  draws, i.e. every other digit), or mapped in closed form onto an ``anchor`` digit's keys and values (label e
-  then draws clean digits of that class, as Concept Ablation anchors a concept to a neighbour).
+* **erased label** — mapped in closed form onto an anchor digit's keys and values (``anchor="auto"``, the
+  default: the digit `~d3pm_hub.erasure.anchors.rank_anchors` finds least able to draw e), so label e draws
+  clean digits of the anchor at the base model's confidence, as Concept Ablation anchors a concept. The ranked
+  anchors are stored in the delta: when a composition also erases the anchor, label e moves to the next one
+  (`~d3pm_hub.erasure.anchors.anchor_corrections`). With ``anchor=None`` label e is trained to the null label's
+  target instead (it draws what the edited null label draws, at unconditional quality).
 
 Weight decoupling (as in SepME): every increment ΔW is projected onto the null space of the other digits' tokens
 and the shared tokens (ΔW p = 0), so every other label keeps its keys and values exactly; each digit's increment
@@ -26,6 +29,7 @@ import torch
 
 from ..deltas import ConceptDelta
 from ..pipeline import D3PMPipeline
+from .anchors import rank_anchors
 from .closed_form import erase_closed_form
 from .common import DigitSampler, check_digits, frozen_copy, logit_divergence, optimise_increment, select_parameters
 from .sepme import decoupling_projector
@@ -35,7 +39,7 @@ def erase_separable(
     pipeline: D3PMPipeline,
     digits: list[int],
     null_alpha: float = 1.0,
-    anchor: int | None = None,
+    anchor: int | str | None = "auto",
     steps: int = 100,
     learning_rate: float = 3e-3,
     batch_size: int = 16,
@@ -48,18 +52,17 @@ def erase_separable(
         pipeline: the trained base pipeline (not modified).
         digits: labels to erase.
         null_alpha: β of the target softmax(z_∅ − β Σₑ (z_e − z_∅)).
-        anchor: None (erased labels learn the same target as the null label) or a digit whose keys and values the
-            erased labels take (closed form, exact).
+        anchor: ``"auto"`` (each erased label takes the keys and values of its best-ranked anchor, closed form),
+            a digit (that digit first, then the ranked others), or None (erased labels learn the null target).
         steps, learning_rate, batch_size: Adam on x_t from real images of every digit.
         seed: seed of batches, timesteps and noise.
         base_model: where the base came from (recorded in the metadata).
     """
     unet = pipeline.unet
     digits = check_digits(unet, digits)
-    if anchor is not None and (not 0 <= int(anchor) < unet.null_label or int(anchor) in digits):
-        raise ValueError(f"anchor must be a digit in 0..{unet.null_label - 1} that is not erased, got {anchor}.")
     frozen = frozen_copy(pipeline)
     null = frozen.null_label
+    anchors = None if anchor is None else choose_anchors(frozen, pipeline.scheduler, digits, anchor, seed)
     trained_labels = [null] if anchor is not None else [*digits, null]
     projector = decoupling_projector(frozen, trained_labels).to(frozen.device)
     everything = DigitSampler.for_digits(pipeline.scheduler, list(range(null)))
@@ -95,11 +98,34 @@ def erase_separable(
         seed=seed,
     )
     increments = result.increments
-    if anchor is not None:
-        mapped = erase_closed_form(pipeline, digits, target_label=int(anchor))
+    for digit, ranked in (anchors or {}).items():
+        mapped = erase_closed_form(pipeline, [digit], target_label=ranked[0])
         increments = {name: value + mapped.tensors[name] for name, value in increments.items()}
     hyperparameters = dict(
-        null_alpha=null_alpha, anchor=anchor, steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed
+        null_alpha=null_alpha,
+        anchor=anchor,
+        anchors=anchors,
+        steps=steps,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        seed=seed,
     )
     metrics = {"erase_seconds": round(result.seconds, 2), "final_loss": result.history[-1]["loss"]}
     return ConceptDelta.create(frozen, increments, digits, "separable", hyperparameters, base_model, metrics)
+
+
+def choose_anchors(unet, scheduler, digits: list[int], anchor: int | str, seed: int = 0) -> dict[int, list[int]]:
+    """Ranked anchors per erased digit: `rank_anchors` order, with a given ``anchor`` digit moved first."""
+    if anchor != "auto" and (
+        isinstance(anchor, str) or not 0 <= int(anchor) < unet.null_label or int(anchor) in digits
+    ):
+        raise ValueError(
+            f"anchor must be 'auto', None or a digit in 0..{unet.null_label - 1} that is not erased, got {anchor!r}."
+        )
+    anchors = {}
+    for digit in digits:
+        ranked = rank_anchors(unet, scheduler, digit, excluded=tuple(digits), seed=seed)
+        if anchor != "auto":
+            ranked = [int(anchor)] + [a for a in ranked if a != int(anchor)]
+        anchors[digit] = ranked
+    return anchors

@@ -143,6 +143,27 @@ def _fd_or_none(feats: torch.Tensor, reference_feats: torch.Tensor) -> float | N
     return frechet_distance(feats, reference_feats) if len(feats) >= 2 else None
 
 
+def matched_reference(reference: RealReference, predicted: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Real features ``(M, F)`` whose digits follow the histogram of ``predicted`` ``(B,)``.
+
+    For each digit d the classifier read n_d times, ⌊n_d / B · N_d*⌋ real features of d are drawn without
+    replacement (N_d* the largest count all read digits allow), so FD against them asks "do these samples look
+    like real digits of the classes they are read as?" — the cleanliness test for an erased label's samples.
+    """
+    counts = torch.bincount(predicted, minlength=NUM_DIGITS).double()
+    shares = counts / counts.sum()
+    available = torch.tensor([len(reference.class_features(d)) for d in range(NUM_DIGITS)], dtype=torch.float64)
+    total = min(available[d] / shares[d] for d in range(NUM_DIGITS) if shares[d] > 0)
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for digit in range(NUM_DIGITS):
+        if shares[digit] > 0:
+            features = reference.class_features(digit)
+            take = int(shares[digit] * total)
+            parts.append(features[torch.randperm(len(features), generator=generator)[:take]])
+    return torch.cat(parts)
+
+
 def evaluate_images(
     classifier: DigitClassifier,
     images: torch.Tensor,
@@ -168,6 +189,9 @@ def evaluate_images(
         * ``confusion``: 10×10 rates, row = label, column = predicted digit (rows sum to 1);
         * ``fd_per_class`` (samples of label c vs real c) and ``fd_overall`` (all labelled samples vs all
           real digits), with ``fd_floor_per_class`` / ``fd_floor_overall`` beside them;
+        * ``fd_as_read_per_class``: samples of label c vs real digits of the classes the classifier read them
+          as (`matched_reference`) — equal to ``fd_per_class`` for an accurate label, and the cleanliness of
+          an erased label's samples whatever they became;
         * ``null_digit_rates``: rate of each predicted digit among null-label samples, ``fd_null``
           (null samples vs all real digits); both None without null samples.
     """
@@ -188,6 +212,12 @@ def evaluate_images(
         "mean_confidence": _mean(confidence[scored]),
         "confusion": confusion,
         "fd_per_class": [_fd_or_none(features[labels == c], reference.class_features(c)) for c in range(NUM_DIGITS)],
+        "fd_as_read_per_class": [
+            _fd_or_none(features[labels == c], matched_reference(reference, pred[labels == c]))
+            if (labels == c).sum() >= 2
+            else None
+            for c in range(NUM_DIGITS)
+        ],
         "fd_overall": _fd_or_none(features[scored], reference.features),
         "fd_floor_per_class": reference.fd_floor_per_class,
         "fd_floor_overall": reference.fd_floor_overall,
