@@ -87,6 +87,15 @@ def test_delta_card_holds_metadata_and_metrics(tmp_path):
     assert pushed.data.base_model == "org/d3pm-mnist" and 'revision="' + "a" * 40 in pushed.text
 
 
+def test_delta_card_says_what_an_anchored_label_draws():
+    pipeline = tiny_pipeline()
+    increment = torch.zeros_like(pipeline.unet.get_parameter(TO_K))
+    anchors = {9: [1, 6, 0]}
+    delta = ConceptDelta.create(pipeline.unet, {TO_K: increment}, [9], "separable", {"anchors": anchors})
+    card = str(delta_card(delta, path_in_repo="deltas/separable/digit-9.safetensors"))
+    assert "draws clean digits of 1 instead" in card and "| anchors | 9: 1, 6, 0 |" in card
+
+
 def test_rendering_is_deterministic(tmp_path):
     pretrained = shipped_layout(tmp_path)
     first = expected_cards(pretrained)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from d3pm_hub import D3PMPipeline
+from d3pm_hub.deltas import ConceptDelta, compose_parameters
+from d3pm_hub.erasure.anchors import anchors_of
 from d3pm_hub.evaluation import classify, load_classifier
-from d3pm_hub.paths import DEFAULT_PIPELINE
+from d3pm_hub.paths import DEFAULT_PIPELINE, PRETRAINED
 
 
 @pytest.fixture(scope="module")
@@ -29,3 +31,33 @@ class TestShippedCheckpoint:
     def test_metadata_describes_the_training_run(self):
         training = json.loads((DEFAULT_PIPELINE / "training.json").read_text())
         assert training["config"]["transition_type"] == "gaussian" and training["train_seconds"] > 0
+
+
+def read(pipeline, label, deltas, count=20):
+    """Classifier predictions and confidences of ``count`` samples of ``label`` with ``deltas`` composed."""
+    images = pipeline(
+        [label] * count,
+        unet_parameters=compose_parameters(pipeline.unet, deltas),
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    return classify(load_classifier(), images)
+
+
+@pytest.mark.slow
+class TestShippedDeltas:
+    def test_the_default_delta_erases_nine_into_clean_anchor_digits(self, pipeline):
+        nine = ConceptDelta.load(PRETRAINED / "deltas" / "separable" / "digit-9.safetensors")
+        anchor = anchors_of(nine.hyperparameters)[9][0]
+        predictions, confidence = read(pipeline, 9, [nine])
+        assert (predictions != 9).all() and (predictions == anchor).float().mean() >= 0.9
+        assert confidence.mean() > 0.85
+        null_predictions, _ = read(pipeline, 10, [nine])
+        assert (null_predictions != 9).all()
+
+    def test_erasing_the_anchor_too_moves_the_label_on(self, pipeline):
+        nine = ConceptDelta.load(PRETRAINED / "deltas" / "separable" / "digit-9.safetensors")
+        anchor = anchors_of(nine.hyperparameters)[9][0]
+        partner = ConceptDelta.load(PRETRAINED / "deltas" / "separable" / f"digit-{anchor}.safetensors")
+        predictions, confidence = read(pipeline, 9, [nine, partner])
+        assert not torch.isin(predictions, torch.tensor([9, anchor])).any() and confidence.mean() > 0.85
