@@ -55,7 +55,7 @@ def summarise(result: dict, digit: int, base: dict | None) -> dict:
         "null_rate": result["null_digit_rates"][digit],
         "other_digits_accuracy": sum(accuracy[d] for d in others) / len(others),
         "other_digits_min_accuracy": min(accuracy[d] for d in others),
-        "neighbour_accuracy": {d: accuracy[d] for d in NEIGHBOURS.get(digit, ())},
+        "neighbour_accuracy": {str(d): accuracy[d] for d in NEIGHBOURS.get(digit, ())},
         "other_digits_fd": sum(result["fd_per_class"][d] for d in others) / len(others),
     }
     if base is not None:
@@ -135,19 +135,18 @@ def main() -> None:
 
 
 def leaderboard(report: dict, digit: int) -> str:
-    """A Markdown table of the summaries in ``report``."""
+    """A Markdown table of the summaries in ``report`` (the attack's table: `benchmarks/erasure_report.py`)."""
     neighbours = NEIGHBOURS.get(digit, ())
     header = (
         f"| method | rate of {digit} (erased label) | confidence | FD as read | becomes | "
         f"rate of {digit} (null label) | other digits acc. | max drop | "
         + " | ".join(f"acc. {d}" for d in neighbours)
-        + " | FD others | attack success | erase s |"
+        + " | FD others | erase s |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for method, entry in report["methods"].items():
         row = entry["summary"]
         becomes = sorted(enumerate(row["erased_label_becomes"]), key=lambda item: -item[1])[:2]
-        attack_text = " / ".join(f"{s:.2f}@{b}" for b, s in row.get("attack", {}).get("success", {}).items()) or "-"
         drop = row.get("max_accuracy_drop")
         cells = [
             method,
@@ -158,9 +157,8 @@ def leaderboard(report: dict, digit: int) -> str:
             f"{row['null_rate']:.3f}",
             f"{row['other_digits_accuracy']:.3f}",
             "-" if drop is None else f"{drop:+.3f}",
-            *(f"{row['neighbour_accuracy'][d]:.3f}" for d in neighbours),
+            *(f"{row['neighbour_accuracy'][str(d)]:.3f}" for d in neighbours),
             f"{row['other_digits_fd']:.2f}",
-            attack_text,
             f"{row['erase_seconds']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

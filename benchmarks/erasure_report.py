@@ -1,0 +1,157 @@
+"""Render the erasure tables of BENCHMARKS.md from the JSON files the erasure benchmarks wrote.
+
+    python benchmarks/erasure_report.py --leaderboard benchmarks/results/erasure-9.json \
+        benchmarks/results/erasure-9-separable.json --digits benchmarks/results/erasure-separable-digits.json \
+        --matrix benchmarks/results/erasure-separable-matrix.json --sweeps benchmarks/results/sweep-*.json
+
+Prints Markdown: the leaderboard (and its attack table), the per-digit table of the shipped deltas, the pair
+matrix, and one table per hyper-parameter sweep. Nothing here measures; it only formats what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from erasure import leaderboard  # benchmarks/erasure.py
+
+
+def load(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def attack_table(report: dict) -> str:
+    """Attack success per budget, the first budget reaching 50% and the attack's seconds, per method."""
+    rows = {m: e["summary"]["attack"] for m, e in report["methods"].items() if "attack" in e["summary"]}
+    budgets = sorted({int(b) for row in rows.values() for b in row["success"]})
+    lines = [
+        "| attacked model | " + " | ".join(f"@{b}" for b in budgets) + " | steps to 50% | attack s |",
+        "|---|" + "---|" * (len(budgets) + 2),
+    ]
+    for method, row in rows.items():
+        success = {int(b): s for b, s in row["success"].items()}
+        reached = [b for b in budgets if success[b] >= 0.5]
+        cells = [f"{success[b]:.2f}" for b in budgets]
+        first = str(reached[0]) if reached else f"> {budgets[-1]}"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {first} | {row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def digits_table(report: dict) -> str:
+    """One row per erased digit of the shipped deltas (`benchmarks/erasure_ship.py`)."""
+    base = report["base"]["accuracy_per_label"]
+    lines = [
+        "| digit | rate of d (label d) | confidence (label d) | label d draws | rate of d (null label) | null conf. "
+        "| other digits acc. (min) | max drop vs base | erase s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    means = {"erased_label_rate": [], "erased_label_confidence": [], "null_rate": [], "null_confidence": []}
+    for digit, row in sorted(report["digits"].items(), key=lambda item: int(item[0])):
+        becomes = sorted(enumerate(row["erased_label_becomes"]), key=lambda item: -item[1])[:2]
+        drops = [base[d] - acc for d, acc in enumerate(row["accuracy_per_label"]) if acc is not None]
+        for key, values in means.items():
+            values.append(row[key])
+        lines.append(
+            f"| {digit} | {row['erased_label_rate']:.3f} | {row['erased_label_confidence']:.3f} | "
+            + ", ".join(f"{d}:{n}" for d, n in becomes if n)
+            + f" | {row['null_rate']:.3f} | {row['null_confidence']:.3f} | {row['other_digits_accuracy']:.3f} "
+            f"({row['other_digits_min_accuracy']:.2f}) | {max(drops):+.3f} | {row['erase_seconds']:.0f} |"
+        )
+    mean = {key: sum(values) / len(values) for key, values in means.items()}
+    lines.append(
+        f"| mean | {mean['erased_label_rate']:.3f} | {mean['erased_label_confidence']:.3f} | | "
+        f"{mean['null_rate']:.3f} | {mean['null_confidence']:.3f} | | | |"
+    )
+    return "\n".join(lines)
+
+
+def matrix_tables(report: dict, singles: dict | None) -> str:
+    """10×10 views of the pair matrix: each erased label's own rate, what leaks between the pair, the null label."""
+    cells = report["matrix"]
+    own = [["" for _ in range(10)] for _ in range(10)]
+    null = [["" for _ in range(10)] for _ in range(10)]
+    worst_leak, worst_confidence, worst_change = 0.0, 1.0, 0.0
+    for key, row in cells.items():
+        a, b = map(int, key.split("+"))
+        own[a][b], own[b][a] = row["label_a"][a], row["label_b"][b]
+        null[a][b], null[b][a] = row["null"][a], row["null"][b]
+        worst_leak = max(worst_leak, row["label_a"][b], row["label_b"][a])
+        worst_confidence = min(worst_confidence, row["confidence_a"], row["confidence_b"])
+        worst_change = max(worst_change, row["restore_b_max_key_value_change"])
+    if singles:
+        for digit, row in singles["digits"].items():
+            own[int(digit)][int(digit)] = row["erased_label_rate"]
+            null[int(digit)][int(digit)] = row["null_rate"]
+
+    def grid(values, title) -> str:
+        header = f"| {title} | " + " | ".join(f"+{b}" for b in range(10)) + " |"
+        body = [f"| {a} | " + " | ".join("-" if v == "" else f"{v:.2f}" for v in values[a]) + " |" for a in range(10)]
+        return "\n".join([header, "|---|" + "---|" * 10, *body])
+
+    summary = (
+        f"Across the {len(cells)} pairs: the most either label's samples read as the *other* erased digit "
+        f"{worst_leak:.2f}; "
+        f"lowest mean confidence of an erased label's samples {worst_confidence:.2f}; largest change of a restored "
+        f"label's keys/values from the base model's {worst_change:.1e}."
+    )
+    return "\n\n".join(
+        [
+            grid(own, "rate of row digit among its own label's samples, with column digit also erased"),
+            grid(null, "rate of row digit among null-label samples, with column digit also erased"),
+            summary,
+        ]
+    )
+
+
+def sweep_table(report: dict) -> str:
+    """One row per grid point of `benchmarks/erasure_sweep.py`."""
+    keys = list(report["points"][0]["settings"])
+    neighbours = list(report["points"][0]["neighbour_accuracy"])
+    lines = [
+        "| "
+        + " | ".join(keys)
+        + " | rate | confidence | null rate | "
+        + " | ".join(f"acc. {d}" for d in neighbours)
+        + " | erase s |",
+        "|" + "---|" * (len(keys) + 4 + len(neighbours)),
+    ]
+    for point in report["points"]:
+        lines.append(
+            "| "
+            + " | ".join(str(point["settings"][k]) for k in keys)
+            + f" | {point['rate']:.3f} | {point['confidence']:.3f} | {point['null_rate']:.3f} | "
+            + " | ".join(f"{point['neighbour_accuracy'][d]:.2f}" for d in neighbours)
+            + f" | {point['erase_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--leaderboard", nargs="*", default=[], help="benchmarks/erasure.py outputs, merged")
+    parser.add_argument("--digits", help="benchmarks/erasure_ship.py output")
+    parser.add_argument("--matrix", help="benchmarks/erasure_compose.py --matrix output")
+    parser.add_argument("--sweeps", nargs="*", default=[], help="benchmarks/erasure_sweep.py outputs")
+    args = parser.parse_args()
+    if args.leaderboard:
+        reports = [load(path) for path in args.leaderboard]
+        merged = {"methods": {m: e for report in reports for m, e in report["methods"].items()}}
+        digit = reports[0]["args"]["digit"]
+        print(leaderboard(merged, digit), attack_table(merged), sep="\n\n", end="\n\n")
+    singles = load(args.digits) if args.digits else None
+    if singles:
+        print(digits_table(singles), end="\n\n")
+    if args.matrix:
+        print(matrix_tables(load(args.matrix), singles), end="\n\n")
+    for path in args.sweeps:
+        report = load(path)
+        print(
+            f"`{report['args']['method']}` sweep (digit {report['args']['digit']}, {report['args']['samples']} "
+            "samples per label):\n"
+        )
+        print(sweep_table(report), end="\n\n")
+
+
+if __name__ == "__main__":
+    main()
