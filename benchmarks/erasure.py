@@ -37,6 +37,7 @@ SETTINGS: dict[str, dict] = {
     "esd-u": dict(steps=150, learning_rate=3e-4, alpha=1.0),
     "esd-full": dict(steps=150, learning_rate=3e-4, alpha=1.0),
     "esd-x-kl": dict(steps=150, learning_rate=1e-3, alpha=1.0),
+    "esd-u-preserve": dict(steps=150, learning_rate=3e-4, alpha=1.0),
     "closed-form": dict(),
     "sepme": dict(steps=300, learning_rate=3e-3, alpha=1.0),
     "separable": dict(null_alpha=1.0, steps=100, learning_rate=3e-3, batch_size=16),

@@ -96,12 +96,22 @@ def test_closed_form_maps_the_erased_label_onto_null_and_keeps_the_others(traine
         torch.testing.assert_close(after, before, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["esd-x", "esd-u", "esd-full", "esd-x-kl"])
+@pytest.mark.parametrize("method", ["esd-x", "esd-u", "esd-full", "esd-x-kl", "esd-u-preserve"])
 def test_esd_variants_lower_the_erased_digit(trained, method):
     delta = METHODS[method](trained, [9], alpha=1.0, **FAST_GRADIENT)
     assert delta.method == method and delta.concepts == [9]
     after = evidence(trained, 9, compose_parameters(trained.unet, [delta]))
     assert after < 0.5 * evidence(trained)
+
+
+def test_preservation_term_keeps_other_labels_closer_to_the_base(trained):
+    _, base = logits(trained, [7, 10], digit=7)
+    changes = {}
+    for method in ("esd-u", "esd-u-preserve"):
+        delta = METHODS[method](trained, [9], alpha=1.0, **FAST_GRADIENT)
+        _, edited = logits(trained, [7, 10], compose_parameters(trained.unet, [delta]), digit=7)
+        changes[method] = sum((after - before).abs().mean().item() for after, before in zip(edited, base, strict=True))
+    assert changes["esd-u-preserve"] < changes["esd-u"]
 
 
 def test_naive_fine_tunes_every_weight(trained):

@@ -36,6 +36,7 @@ METHODS: dict[str, Callable[..., ConceptDelta]] = {
     "esd-u": partial(erase_esd, parameters="u"),
     "esd-full": partial(erase_esd, parameters="full"),
     "esd-x-kl": partial(erase_esd, parameters="x", loss="kl"),
+    "esd-u-preserve": partial(erase_esd, parameters="u", preserve_weight=1.0),
     "closed-form": erase_closed_form,
     "sepme": erase_sepme,
     "separable": erase_separable,

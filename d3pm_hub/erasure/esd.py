@@ -60,6 +60,6 @@ def erase_esd(
         preserve_weight=preserve_weight,
         seed=seed,
     )
-    method = f"esd-{parameters}" + ("-kl" if loss == "kl" else "")
+    method = f"esd-{parameters}" + ("-kl" if loss == "kl" else "") + ("-preserve" if preserve_weight else "")
     metrics = {"erase_seconds": round(result.seconds, 2), "final_concept_loss": result.history[-1]["concept"]}
     return ConceptDelta.create(frozen, result.increments, digits, method, hyperparameters, base_model, metrics)
