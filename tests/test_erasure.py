@@ -201,6 +201,27 @@ def test_erase_script_writes_a_loadable_delta(trained, tmp_path):
         compose_parameters(D3PMPipeline.from_pretrained(tmp_path / "base").unet, [delta])
 
 
+@pytest.mark.parametrize(
+    ("launcher", "method", "settings"),
+    [
+        ([], "naive", ["steps=2", "batch_size=4"]),
+        ([], "esd-u-preserve", ["steps=2", "batch_size=4"]),
+        ([], "sepme", ["steps=2", "batch_size=4"]),
+        ([], "separable", ["steps=2", "batch_size=4"]),
+        (["accelerate", "launch", "--cpu", "--num_processes", "1"], "separable", ["steps=2", "batch_size=4"]),
+    ],
+)
+def test_every_weight_editing_family_runs_from_the_erase_script(trained, tmp_path, launcher, method, settings):
+    trained.save_pretrained(tmp_path / "base")
+    prefix = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:]] if launcher else [sys.executable]
+    command = [*prefix, str(REPO / "training" / "erase.py"), "--method", method, "--digits", "9"]
+    command += ["--model", str(tmp_path / "base"), "--output-dir", str(tmp_path / "deltas"), "--set", *settings]
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent)}
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
+    delta = ConceptDelta.load(tmp_path / "deltas" / "digit-9.safetensors")
+    assert delta.method == method and delta.concepts == [9] and delta.hyperparameters["steps"] == 2
+
+
 def test_exact_closed_form_is_decoupled_and_maps_onto_null(trained):
     delta = erase_closed_form(trained, [9])  # ridge 0: exact minimum-norm solution
     parameters = compose_parameters(trained.unet, [delta])

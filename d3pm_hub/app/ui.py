@@ -35,8 +35,10 @@ INTRO = """
 # Erase digits from a diffusion model — live
 A class-conditional discrete diffusion model (D3PM) draws every digit below. Each slider adds that digit's
 *erasure delta* (a small weight increment) to the model: 0 = intact, 1 = erased. Deltas compose, so several digits
-can be erased at once and restored by moving their slider back. The chart shows how often an independent classifier
-reads each digit's samples as that digit, for the base model and for the current mix.
+can be erased at once and restored by moving their slider back. With the default method (`separable`) an erased
+digit's row shows clean digits of another class (its *anchor*, never a digit that is erased), and unconditional
+samples stop drawing it too. The chart shows how often an independent classifier reads each digit's samples as that
+digit, for the base model and for the current mix.
 """
 
 API_HELP = f"""
