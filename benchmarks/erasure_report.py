@@ -2,10 +2,11 @@
 
     python benchmarks/erasure_report.py --leaderboard benchmarks/results/erasure-9.json \
         benchmarks/results/erasure-9-separable.json --digits benchmarks/results/erasure-separable-digits.json \
-        --matrix benchmarks/results/erasure-separable-matrix.json --sweeps benchmarks/results/sweep-*.json
+        --matrix benchmarks/results/erasure-separable-matrix.json \
+        --strengths benchmarks/results/erasure-separable-strength-9.json --sweeps benchmarks/results/sweep-*.json
 
 Prints Markdown: the leaderboard (and its attack table), the per-digit table of the shipped deltas, the pair
-matrix, and one table per hyper-parameter sweep. Nothing here measures; it only formats what was measured.
+matrix, the strength sweep and one table per hyper-parameter sweep. Nothing here measures; it only formats.
 """
 
 from __future__ import annotations
@@ -104,6 +105,25 @@ def matrix_tables(report: dict, singles: dict | None) -> str:
     )
 
 
+def strength_table(report: dict) -> str:
+    """The strength sweep of `benchmarks/erasure_compose.py --strengths`."""
+    neighbours = list(next(iter(report["sweep"].values()))["neighbour_accuracy"])
+    digit = report["args"]["digit"]
+    lines = [
+        f"| strength | rate of {digit} (label {digit}) | confidence (label {digit}) | rate of {digit} (null label) | "
+        + " | ".join(f"acc. {d}" for d in neighbours)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(neighbours),
+    ]
+    for strength, row in report["sweep"].items():
+        lines.append(
+            f"| {float(strength):.2f} | {row['rate']:.3f} | {row['confidence']:.3f} | {row['null_rate']:.3f} | "
+            + " | ".join(f"{row['neighbour_accuracy'][d]:.2f}" for d in neighbours)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def sweep_table(report: dict) -> str:
     """One row per grid point of `benchmarks/erasure_sweep.py`."""
     keys = list(report["points"][0]["settings"])
@@ -132,6 +152,7 @@ def main() -> None:
     parser.add_argument("--leaderboard", nargs="*", default=[], help="benchmarks/erasure.py outputs, merged")
     parser.add_argument("--digits", help="benchmarks/erasure_ship.py output")
     parser.add_argument("--matrix", help="benchmarks/erasure_compose.py --matrix output")
+    parser.add_argument("--strengths", help="benchmarks/erasure_compose.py --strengths output")
     parser.add_argument("--sweeps", nargs="*", default=[], help="benchmarks/erasure_sweep.py outputs")
     args = parser.parse_args()
     if args.leaderboard:
@@ -144,6 +165,8 @@ def main() -> None:
         print(digits_table(singles), end="\n\n")
     if args.matrix:
         print(matrix_tables(load(args.matrix), singles), end="\n\n")
+    if args.strengths:
+        print(strength_table(load(args.strengths)), end="\n\n")
     for path in args.sweeps:
         report = load(path)
         print(
