@@ -63,6 +63,7 @@ def main() -> None:
             "rate": rate(result, digit, digit),
             "confidence": result[digit][1].mean().item(),
             "null_rate": rate(result, NULL, digit),
+            "null_confidence": result[NULL][1].mean().item(),
             "neighbour_accuracy": {d: rate(result, d, d) for d in neighbours},
             "erase_seconds": seconds,
             "steps_run": delta.metrics.get("steps_run"),
