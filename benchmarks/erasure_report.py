@@ -131,16 +131,17 @@ def sweep_table(report: dict) -> str:
     lines = [
         "| "
         + " | ".join(keys)
-        + " | rate | confidence | null rate | "
+        + " | rate | confidence | null rate | null conf. | "
         + " | ".join(f"acc. {d}" for d in neighbours)
         + " | erase s |",
-        "|" + "---|" * (len(keys) + 4 + len(neighbours)),
+        "|" + "---|" * (len(keys) + 5 + len(neighbours)),
     ]
     for point in report["points"]:
         lines.append(
             "| "
             + " | ".join(str(point["settings"][k]) for k in keys)
             + f" | {point['rate']:.3f} | {point['confidence']:.3f} | {point['null_rate']:.3f} | "
+            + f"{point['null_confidence']:.3f} | "
             + " | ".join(f"{point['neighbour_accuracy'][d]:.2f}" for d in neighbours)
             + f" | {point['erase_seconds']:.0f} |"
         )
