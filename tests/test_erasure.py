@@ -300,6 +300,17 @@ def test_separable_auto_anchor_is_the_digit_least_able_to_draw_the_erased_one(tr
     torch.testing.assert_close(nine, anchor, atol=1e-4, rtol=1e-4)
 
 
+def test_separable_values_only_null_edit_keeps_the_null_keys(trained):
+    delta = METHODS["separable"](trained, [9], null_keys=False, **FAST_GRADIENT)
+    table, _ = context_token_table(dict(trained.unet.named_parameters()))
+    for name, increment in delta.tensors.items():
+        null_change = (increment.double() @ table[10].T).abs().max().item()
+        assert (null_change < 1e-5) == (".to_k." in name), name
+    anchor = anchors_of(delta.hyperparameters)[9][0]
+    _, (nine, anchored) = logits(trained, [9, anchor], compose_parameters(trained.unet, [delta]))
+    torch.testing.assert_close(nine, anchored, atol=1e-4, rtol=1e-4)
+
+
 def test_an_erased_anchor_moves_the_label_to_the_next_anchor(trained):
     nine = METHODS["separable"](trained, [9], anchor=7, **FAST_GRADIENT)
     ranked = anchors_of(nine.hyperparameters)[9]

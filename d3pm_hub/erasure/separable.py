@@ -43,6 +43,7 @@ def erase_separable(
     steps: int = 100,
     learning_rate: float = 3e-3,
     batch_size: int = 16,
+    null_keys: bool = True,
     seed: int = 0,
     base_model: str = "",
 ) -> ConceptDelta:
@@ -55,6 +56,7 @@ def erase_separable(
         anchor: ``"auto"`` (each erased label takes the keys and values of its best-ranked anchor, closed form),
             a digit (that digit first, then the ranked others), or None (erased labels learn the null target).
         steps, learning_rate, batch_size: Adam on x_t from real images of every digit.
+        null_keys: train the null label's keys as well as its values (False: values only).
         seed: seed of batches, timesteps and noise.
         base_model: where the base came from (recorded in the metadata).
     """
@@ -90,7 +92,7 @@ def erase_separable(
 
     result = optimise_increment(
         frozen,
-        select_parameters(frozen, "context"),
+        [name for name in select_parameters(frozen, "context") if null_keys or ".to_v." in name],
         loss_fn,
         steps,
         learning_rate,
@@ -100,7 +102,7 @@ def erase_separable(
     increments = result.increments
     for digit, ranked in (anchors or {}).items():
         mapped = erase_closed_form(pipeline, [digit], target_label=ranked[0])
-        increments = {name: value + mapped.tensors[name] for name, value in increments.items()}
+        increments = {name: increments.get(name, 0) + value for name, value in mapped.tensors.items()}
     hyperparameters = dict(
         null_alpha=null_alpha,
         anchor=anchor,
@@ -108,6 +110,7 @@ def erase_separable(
         steps=steps,
         learning_rate=learning_rate,
         batch_size=batch_size,
+        null_keys=null_keys,
         seed=seed,
     )
     metrics = {"erase_seconds": round(result.seconds, 2), "final_loss": result.history[-1]["loss"]}
