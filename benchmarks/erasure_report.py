@@ -80,10 +80,16 @@ def matrix_tables(report: dict, singles: dict | None) -> str:
         worst_leak = max(worst_leak, row["label_a"][b], row["label_b"][a])
         worst_confidence = min(worst_confidence, row["confidence_a"], row["confidence_b"])
         worst_change = max(worst_change, row["restore_b_max_key_value_change"])
+    worse = []  # pairs where a digit's null-label rate exceeds its single delta's by more than 1 point
     if singles:
         for digit, row in singles["digits"].items():
             own[int(digit)][int(digit)] = row["erased_label_rate"]
             null[int(digit)][int(digit)] = row["null_rate"]
+        for key in cells:
+            a, b = map(int, key.split("+"))
+            excess = max(null[a][b] - null[a][a], null[b][a] - null[b][b], own[a][b] - own[a][a], own[b][a] - own[b][b])
+            if excess > 0.01 + 1e-6:
+                worse.append(key)
 
     def grid(values, title) -> str:
         header = f"| {title} | " + " | ".join(f"+{b}" for b in range(10)) + " |"
@@ -96,6 +102,8 @@ def matrix_tables(report: dict, singles: dict | None) -> str:
         f"lowest mean confidence of an erased label's samples {worst_confidence:.2f}; largest change of a restored "
         f"label's keys/values from the base model's {worst_change:.1e}."
     )
+    if singles:
+        summary += f" Pairs worse than their singles by more than 1 point: {len(worse)} ({', '.join(worse)})."
     return "\n\n".join(
         [
             grid(own, "rate of row digit among its own label's samples, with column digit also erased"),
