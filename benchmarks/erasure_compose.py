@@ -1,8 +1,9 @@
 """Composition and strength sweep of shipped deltas (DESIGN §6 interference), at the default sampler settings.
 
-    OMP_NUM_THREADS=1 python benchmarks/erasure_compose.py --method separable --digit 9 --samples 30 \
-        --partners 0 1 2 3 4 5 6 7 8 --strengths 0 0.25 0.5 0.75 1 \
-        --output benchmarks/results/erasure-separable-compose-9.json
+    OMP_NUM_THREADS=1 python benchmarks/erasure_compose.py --method separable --matrix --samples 100 \
+        --output benchmarks/results/erasure-separable-matrix.json
+    OMP_NUM_THREADS=1 python benchmarks/erasure_compose.py --method separable --digit 9 \
+        --strengths 0 0.25 0.5 0.75 1 --samples 100 --output benchmarks/results/erasure-separable-strength-9.json
 
 * matrix (``--matrix``): every pair {a, b} of digits erased by composing their deltas: the rate of every digit
   among label-a, label-b and null-label samples (so a digit leaking into the other's label shows), and how far
