@@ -86,7 +86,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_PIPELINE))
     parser.add_argument("--digit", type=int, default=9)
-    parser.add_argument("--methods", nargs="+", default=["base", "inference-switch", "inference-negative", *METHODS])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["base", "inference-switch", "inference-negative", *METHODS],
+        help="method names; 'a+b' composes the deltas of methods a and b",
+    )
     parser.add_argument("--samples-per-label", type=int, default=100)
     parser.add_argument("--num-inference-steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
@@ -112,8 +117,11 @@ def main() -> None:
             scale = 1.0 if method == "inference-negative" else 0.0
             sampler = InferenceTimeErasurePipeline.wrap(pipeline, [args.digit], negative_scale=scale)
         elif method != "base":
-            delta = METHODS[method](pipeline, [args.digit], base_model=args.model, **SETTINGS[method])
-            parameters = compose_parameters(pipeline.unet, [delta])
+            deltas = [  # "a+b": the deltas of both methods composed
+                METHODS[name](pipeline, [args.digit], base_model=args.model, **SETTINGS[name])
+                for name in method.split("+")
+            ]
+            parameters = compose_parameters(pipeline.unet, deltas)
             sampler = lambda **kw: pipeline(**kw, unet_parameters=parameters)  # noqa: B023, E731
         erase_seconds = time.perf_counter() - started
         result = evaluate_pipeline(
@@ -154,7 +162,7 @@ def leaderboard(report: dict, digit: int) -> str:
             f"{row['erased_label_rate']:.3f}",
             f"{row['erased_label_confidence']:.3f}",
             f"{row['erased_label_fd_as_read']:.2f}",
-            ", ".join(f"{d}:{r:.2f}" for d, r in becomes),
+            ", ".join(f"{d}:{r:.2f}" for d, r in becomes if r),
             f"{row['null_rate']:.3f}",
             f"{row['other_digits_accuracy']:.3f}",
             "-" if drop is None else f"{drop:+.3f}",

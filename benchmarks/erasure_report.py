@@ -22,6 +22,18 @@ def load(path: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def merge_leaderboards(reports: list[dict]) -> dict:
+    """One report with every method; accuracy drops filled in against the base row of whichever file has it."""
+    merged = {"methods": {m: e for report in reports for m, e in report["methods"].items()}}
+    base = merged["methods"]["base"]["evaluation"]["per_class_accuracy"]
+    digit = reports[0]["args"]["digit"]
+    for entry in merged["methods"].values():
+        accuracy = entry["evaluation"]["per_class_accuracy"]
+        if entry["summary"].get("max_accuracy_drop") is None and entry is not merged["methods"]["base"]:
+            entry["summary"]["max_accuracy_drop"] = max(base[d] - accuracy[d] for d in range(10) if d != digit)
+    return merged
+
+
 def attack_table(report: dict) -> str:
     """Attack success per budget, the first budget reaching 50% and the attack's seconds, per method."""
     rows = {m: e["summary"]["attack"] for m, e in report["methods"].items() if "attack" in e["summary"]}
@@ -166,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.leaderboard:
         reports = [load(path) for path in args.leaderboard]
-        merged = {"methods": {m: e for report in reports for m, e in report["methods"].items()}}
+        merged = merge_leaderboards(reports)
         digit = reports[0]["args"]["digit"]
         print(leaderboard(merged, digit), attack_table(merged), sep="\n\n", end="\n\n")
     singles = load(args.digits) if args.digits else None
