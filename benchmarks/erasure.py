@@ -1,13 +1,14 @@
 """Erasure benchmark: every method erases one digit from the shipped pipeline; efficacy, specificity, attack.
 
-    OMP_NUM_THREADS=2 python benchmarks/erasure.py --digit 9 --samples-per-label 20 \
-        --output benchmarks/results/erasure-9.json
+    OMP_NUM_THREADS=1 python benchmarks/erasure.py --digit 9 --samples-per-label 100 \
+        --attack-budgets 25 50 100 200 400 1000 --attack-samples 50 --output benchmarks/results/erasure-9.json
 
 For each method (and the base model): the delta is made (wall time on this machine), every label 0..9 and the
 null label is sampled with it applied (`~d3pm_hub.deltas.compose_parameters` → ``unet_parameters``) and read
 by the shipped classifier (`~d3pm_hub.evaluation.evaluate_pipeline`, DESIGN.md §6). Optionally the
 concept-inversion attack (`~d3pm_hub.erasure.attack`) is run at each step budget and its samples classified.
-Prints a Markdown leaderboard and writes every number to ``--output`` (JSON).
+Prints a Markdown leaderboard and writes every number to ``--output`` (JSON). The helpers here (`load_models`,
+`predictions`, `rate`, `histogram`) are shared by the other erasure benchmarks.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from d3pm_hub import D3PMPipeline
 from d3pm_hub.deltas import compose_parameters
 from d3pm_hub.erasure import METHODS, InferenceTimeErasurePipeline, attacked_parameters, concept_inversion_attack
 from d3pm_hub.evaluation import evaluate_pipeline, load_classifier, real_reference
-from d3pm_hub.evaluation.metrics import classify, sample_images
+from d3pm_hub.evaluation.classifier import DigitClassifier, predict_proba
+from d3pm_hub.evaluation.metrics import sample_images
 from d3pm_hub.paths import DEFAULT_PIPELINE
 from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
+NULL = 10
 NEIGHBOURS = {9: (4, 7), 4: (9,), 7: (9, 1), 3: (5, 8), 5: (3, 6), 8: (3, 9)}
 
 # Benchmark hyper-parameters for the shipped model (one short sweep on CPU; see BENCHMARKS.md, "Concept erasure").
@@ -64,21 +67,52 @@ def summarise(result: dict, digit: int, base: dict | None) -> dict:
     return row
 
 
+def load_models(model: str = str(DEFAULT_PIPELINE)) -> tuple[D3PMPipeline, DigitClassifier]:
+    """The pipeline (progress bar off) and the shipped classifier."""
+    pipeline = D3PMPipeline.from_pretrained(model)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, load_classifier()
+
+
+def predictions(
+    pipeline,
+    classifier,
+    parameters,
+    labels,
+    samples,
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    seed: int = 0,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Label → (predicted digits, confidences) of ``samples`` images per label drawn with ``parameters``."""
+    call = (lambda **kw: pipeline(**kw, unet_parameters=parameters)) if parameters else pipeline
+    images, image_labels = sample_images(call, labels, samples, num_inference_steps, guidance_scale, seed=seed)
+    probs = predict_proba(classifier, images)
+    return {
+        label: (probs[image_labels == label].argmax(1), probs[image_labels == label].max(1).values) for label in labels
+    }
+
+
+def rate(result, label, digit) -> float:
+    """Rate of ``digit`` among ``label``'s samples in a `predictions` result."""
+    return (result[label][0] == digit).float().mean().item()
+
+
+def histogram(result, label) -> list[float]:
+    """Rate of each digit 0..9 among ``label``'s samples."""
+    return (torch.bincount(result[label][0], minlength=10).float() / len(result[label][0])).tolist()
+
+
 def attack(pipeline, classifier, digit, parameters, budgets, samples, args) -> dict:
     """Attack success (classifier rate of ``digit``) at each step budget, and the seconds spent."""
     result = concept_inversion_attack(pipeline, digit, budgets, parameters, args.attack_learning_rate)
     success = {}
     for budget, tokens in result.tokens.items():
         attacked = attacked_parameters(pipeline, digit, tokens, parameters)
-        images, _ = sample_images(
-            lambda **kw: pipeline(**kw, unet_parameters=attacked),  # noqa: B023
-            [digit],
-            samples,
-            args.num_inference_steps,
-            args.guidance_scale,
-            seed=args.seed,
+        sampled = predictions(
+            pipeline, classifier, attacked, [digit], samples, args.num_inference_steps, args.guidance_scale, args.seed
         )
-        success[budget] = (classify(classifier, images)[0] == digit).float().mean().item()
+        success[budget] = rate(sampled, digit, digit)
     return {"success": success, "seconds": result.seconds}
 
 
@@ -103,9 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    pipeline = D3PMPipeline.from_pretrained(args.model)
-    pipeline.set_progress_bar_config(disable=True)
-    classifier = load_classifier()
+    pipeline, classifier = load_models(args.model)
     reference = real_reference(classifier)
     settings = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
     report = {"args": vars(args), "torch_threads": torch.get_num_threads(), "methods": {}}

@@ -1,7 +1,6 @@
 """Make the shipped deltas of one method for every digit and store measured metrics in each delta's metadata.
 
-    OMP_NUM_THREADS=1 python benchmarks/erasure_ship.py --method separable --samples 30 --other-samples 5 \
-        --output benchmarks/results/erasure-separable-digits.json
+    OMP_NUM_THREADS=1 python benchmarks/erasure_ship.py --method separable --samples 100 --other-samples 100
 
 For each digit d: the delta is made with ``SETTINGS[method]`` (``benchmarks/erasure.py``), saved in fp16 to
 ``pretrained/deltas/{method}/digit-{d}.safetensors``, loaded back, and measured at the pipeline's default sampler
@@ -18,37 +17,26 @@ import time
 from pathlib import Path
 
 import torch
+from erasure import NULL, SETTINGS, load_models, predictions, rate  # benchmarks/erasure.py
 
-from d3pm_hub import D3PMPipeline
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.erasure import METHODS
-from d3pm_hub.evaluation import load_classifier
-from d3pm_hub.evaluation.classifier import predict_proba
-from d3pm_hub.evaluation.metrics import sample_images
-from d3pm_hub.paths import DEFAULT_PIPELINE, PRETRAINED
+from d3pm_hub.paths import PRETRAINED
 from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
-
-NULL = 10
 
 
 def measure(pipeline, classifier, digit, parameters, samples, other_samples, seed=0) -> dict:
     """Rates and confidences of ``digit``'s label, the null label and the other digits with ``parameters``."""
-    call = (lambda **kw: pipeline(**kw, unet_parameters=parameters)) if parameters else pipeline
-    settings = dict(num_inference_steps=DEFAULT_NUM_INFERENCE_STEPS, guidance_scale=DEFAULT_GUIDANCE_SCALE, seed=seed)
-    images, labels = sample_images(call, [digit, NULL], samples, **settings)
+    result = predictions(pipeline, classifier, parameters, [digit, NULL], samples, seed=seed)
     others = [d for d in range(10) if d != digit]
-    other_images, other_labels = sample_images(call, others, other_samples, **settings)
-    probs = predict_proba(classifier, torch.cat([images, other_images]))
-    labels = torch.cat([labels, other_labels])
-    predicted, confidence = probs.argmax(1), probs.max(1).values
-    erased, null = labels == digit, labels == NULL
-    other_accuracy = {d: (predicted[labels == d] == d).float().mean().item() for d in others}
+    other = predictions(pipeline, classifier, parameters, others, other_samples, seed=seed)
+    other_accuracy = {d: rate(other, d, d) for d in others}
     return {
-        "erased_label_rate": (predicted[erased] == digit).float().mean().item(),
-        "erased_label_confidence": confidence[erased].mean().item(),
-        "erased_label_becomes": torch.bincount(predicted[erased], minlength=10).tolist(),
-        "null_rate": (predicted[null] == digit).float().mean().item(),
-        "null_confidence": confidence[null].mean().item(),
+        "erased_label_rate": rate(result, digit, digit),
+        "erased_label_confidence": result[digit][1].mean().item(),
+        "erased_label_becomes": torch.bincount(result[digit][0], minlength=10).tolist(),
+        "null_rate": rate(result, NULL, digit),
+        "null_confidence": result[NULL][1].mean().item(),
         "other_digits_accuracy": sum(other_accuracy.values()) / len(others),
         "other_digits_min_accuracy": min(other_accuracy.values()),
         "accuracy_per_label": [round(other_accuracy[d], 3) if d != digit else None for d in range(10)],
@@ -66,23 +54,17 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="measure existing delta files instead of remaking them")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    from erasure import SETTINGS  # benchmarks/erasure.py
 
-    pipeline = D3PMPipeline.from_pretrained(DEFAULT_PIPELINE)
-    pipeline.set_progress_bar_config(disable=True)
-    classifier = load_classifier()
+    pipeline, classifier = load_models()
     folder = PRETRAINED / "deltas" / args.method
     output = Path(args.output or f"benchmarks/results/erasure-{args.method}-digits.json")
     report = json.loads(output.read_text()) if output.is_file() else {}
     report["args"] = vars(args)
     report.setdefault("digits", {})
     if "base" not in report:  # the base model's per-label accuracy at the same seeds, for the specificity check
-        images, labels = sample_images(
-            pipeline, list(range(10)), args.other_samples, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE, seed=0
-        )
-        predicted = predict_proba(classifier, images).argmax(1)
+        base = predictions(pipeline, classifier, None, list(range(10)), args.other_samples)
         report["base"] = {
-            "accuracy_per_label": [(predicted[labels == d] == d).float().mean().item() for d in range(10)],
+            "accuracy_per_label": [rate(base, d, d) for d in range(10)],
             "samples_per_label": args.other_samples,
         }
     for digit in args.digits:

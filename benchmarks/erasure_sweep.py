@@ -17,13 +17,10 @@ import json
 import time
 from pathlib import Path
 
-from d3pm_hub import D3PMPipeline
+from erasure import NEIGHBOURS, NULL, SETTINGS, load_models, predictions, rate  # benchmarks/erasure.py
+
 from d3pm_hub.deltas import compose_parameters
 from d3pm_hub.erasure import METHODS, parse_hyperparameters
-from d3pm_hub.evaluation import load_classifier
-from d3pm_hub.paths import DEFAULT_PIPELINE
-
-NULL = 10
 
 
 def grid_points(assignments: list[str]) -> list[dict]:
@@ -43,12 +40,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
-    from erasure import NEIGHBOURS, SETTINGS  # benchmarks/erasure.py
-    from erasure_compose import predictions, rate  # benchmarks/erasure_compose.py
-
-    pipeline = D3PMPipeline.from_pretrained(DEFAULT_PIPELINE)
-    pipeline.set_progress_bar_config(disable=True)
-    classifier = load_classifier()
+    pipeline, classifier = load_models()
     digit, neighbours = args.digit, list(NEIGHBOURS.get(args.digit, ()))
     report = {"args": vars(args), "points": []}
     for point in grid_points(args.grid):

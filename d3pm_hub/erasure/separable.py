@@ -47,7 +47,7 @@ def erase_separable(
     seed: int = 0,
     base_model: str = "",
 ) -> ConceptDelta:
-    """Distil negative guidance away from ``digits`` into the null label (and the erased labels) — see above.
+    """Map the erased labels onto anchors and distil negative guidance into the null label — see above.
 
     Args:
         pipeline: the trained base pipeline (not modified).
