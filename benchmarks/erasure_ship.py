@@ -1,8 +1,9 @@
 """Make the shipped deltas of one method for every digit and store measured metrics in each delta's metadata.
 
-    OMP_NUM_THREADS=1 python benchmarks/erasure_ship.py --method separable --samples 100 --other-samples 100
+    OMP_NUM_THREADS=2 python benchmarks/erasure_ship.py --method separable --jointly --samples 100 --other-samples 100
 
-For each digit d: the delta is made with ``SETTINGS[method]`` (``benchmarks/erasure.py``), saved in fp16 to
+For each digit d: the delta is made with ``SETTINGS[method]`` (``benchmarks/erasure.py``) — with ``--jointly``, all
+digits' deltas at once by the method's joint variant with ``JOINT_SETTINGS[method]`` — saved in fp16 to
 ``pretrained/deltas/{method}/digit-{d}.safetensors``, loaded back, and measured at the pipeline's default sampler
 settings: label d (``--samples``), the null label (``--samples``) and every other digit (``--other-samples`` each).
 The metrics (rate of d among label-d and null-label samples, confidence, what label d becomes, other digits'
@@ -20,9 +21,13 @@ import torch
 from erasure import NULL, SETTINGS, load_models, predictions, rate  # benchmarks/erasure.py
 
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
-from d3pm_hub.erasure import METHODS
+from d3pm_hub.erasure import JOINT_METHODS, METHODS
 from d3pm_hub.paths import PRETRAINED
 from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
+
+BASE = "pretrained/d3pm-mnist"
+# The per-digit deltas of one joint run see ~150 subset draws each (1,000 steps × 1.5 digits per step / 10 digits).
+JOINT_SETTINGS = {"separable": dict(SETTINGS["separable"], steps=1000, subset_sizes=(1, 2))}
 
 
 def measure(pipeline, classifier, digit, parameters, samples, other_samples, seed=0) -> dict:
@@ -52,6 +57,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--other-samples", type=int, default=5)
     parser.add_argument("--reuse", action="store_true", help="measure existing delta files instead of remaking them")
+    parser.add_argument("--jointly", action="store_true", help="make the digits' deltas together (JOINT_METHODS)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -67,14 +73,18 @@ def main() -> None:
             "accuracy_per_label": [rate(base, d, d) for d in range(10)],
             "samples_per_label": args.other_samples,
         }
+    if args.jointly and not args.reuse:
+        made = JOINT_METHODS[args.method](pipeline, args.digits, base_model=BASE, **JOINT_SETTINGS[args.method])
+        for delta in made:
+            delta.save(folder / f"digit-{delta.concepts[0]}.safetensors")
     for digit in args.digits:
         path = folder / f"digit-{digit}.safetensors"
         started = time.perf_counter()
-        if not args.reuse:
-            delta = METHODS[args.method](pipeline, [digit], base_model="pretrained/d3pm-mnist", **SETTINGS[args.method])
+        if not args.reuse and not args.jointly:
+            delta = METHODS[args.method](pipeline, [digit], base_model=BASE, **SETTINGS[args.method])
             delta.save(path)
         delta = ConceptDelta.load(path)
-        delta.metadata["base_model"] = delta.metadata.get("base_model") or "pretrained/d3pm-mnist"
+        delta.metadata["base_model"] = delta.metadata.get("base_model") or BASE
         metrics = {
             key: value for key, value in delta.metrics.items() if key in ("erase_seconds", "final_loss", "steps_run")
         }

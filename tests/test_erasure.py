@@ -25,10 +25,12 @@ from d3pm_hub.erasure import (
     concept_inversion_attack,
     decoupling_projector,
     erase_closed_form,
+    erase_separable_jointly,
     erase_sepme,
 )
 from d3pm_hub.erasure.anchors import anchors_of, context_token_table, rank_anchors
-from d3pm_hub.erasure.common import DigitSampler, select_parameters
+from d3pm_hub.erasure.common import DigitSampler, logit_divergence, select_parameters
+from d3pm_hub.erasure.separable import joint_negative_guidance
 from d3pm_hub.training import TrainConfig, train
 
 from .conftest import TINY_UNET, tiny_pipeline
@@ -338,3 +340,61 @@ def test_with_every_anchor_erased_the_label_draws_the_edited_null_label(trained)
     both = compose_parameters(trained.unet, [nine, erase_closed_form(trained, [7])])
     _, (label_nine, null) = logits(trained, [9, 10], both)
     torch.testing.assert_close(label_nine, null, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def joint_deltas(trained) -> list[ConceptDelta]:
+    return erase_separable_jointly(trained, [4, 7, 9], steps=90, learning_rate=1e-2, batch_size=8)
+
+
+@torch.no_grad()
+def null_target_mismatch(pipeline, parameters, digits) -> float:
+    """KL(softmax(z_∅ − Σₑ (z_e − z_∅)) ‖ edited null label) in nats per pixel, on noised real digits of every class."""
+    generator = torch.Generator().manual_seed(1)
+    sampler = DigitSampler.for_digits(pipeline.scheduler, list(range(10)))
+    _, x_t, t, _ = sampler.draw(pipeline.scheduler, 64, generator, "cpu")
+    target = joint_negative_guidance(pipeline.unet, x_t, t, digits, 1.0)
+    null = torch.func.functional_call(pipeline.unet, parameters, (x_t, t, torch.full((64,), 10)))
+    return logit_divergence(null, target, "kl").item()
+
+
+def test_jointly_trained_deltas_compose_in_the_null_label(trained, joint_deltas):
+    four, seven, nine = joint_deltas
+    assert [delta.concepts for delta in joint_deltas] == [[4], [7], [9]]
+    assert nine.hyperparameters["jointly_with"] == [4, 7, 9] and nine.hyperparameters["subset_sizes"] == [1, 2]
+    assert set(anchors_of(nine.hyperparameters)) == {9}
+    singles = [METHODS["separable"](trained, [d], steps=45, learning_rate=1e-2, batch_size=8) for d in (4, 7)]
+    base = dict(trained.unet.named_parameters())
+    for delta in joint_deltas:  # each delta alone moves the null label towards its own target
+        alone = compose_parameters(trained.unet, [delta])
+        before = null_target_mismatch(trained, base, delta.concepts)
+        assert null_target_mismatch(trained, alone, delta.concepts) < before
+    joint_pair = null_target_mismatch(trained, compose_parameters(trained.unet, [four, seven]), [4, 7])
+    single_pair = null_target_mismatch(trained, compose_parameters(trained.unet, singles), [4, 7])
+    assert joint_pair < single_pair  # trained together, the pair's sum is closer to the pair's joint target
+
+
+def test_jointly_trained_deltas_stay_decoupled(trained, joint_deltas):
+    nine = compose_parameters(trained.unet, [joint_deltas[2]])
+    _, base = logits(trained, [0, 4, 7])
+    _, edited = logits(trained, [0, 4, 7], nine)
+    for before, after in zip(base, edited, strict=True):
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    anchor = anchors_of(joint_deltas[2].hyperparameters)[9][0]
+    _, (label_nine, anchored) = logits(trained, [9, anchor], nine)
+    torch.testing.assert_close(label_nine, anchored, atol=1e-4, rtol=1e-4)
+
+
+def test_joint_training_refuses_bad_subsets_and_methods_without_it(trained, tmp_path):
+    with pytest.raises(ValueError, match="subset_sizes"):
+        erase_separable_jointly(trained, [4, 9], subset_sizes=(1, 3), steps=1)
+    trained.save_pretrained(tmp_path / "base")
+    command = [sys.executable, str(REPO / "training" / "erase.py"), "--digits", "9", "4", "--jointly"]
+    command += ["--model", str(tmp_path / "base"), "--output-dir", str(tmp_path / "deltas")]
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    refused = subprocess.run([*command, "--method", "esd-x"], capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "--jointly needs a method in ['separable']" in refused.stderr
+    subprocess.run([*command, "--method", "separable", "--set", "steps=3"], check=True, capture_output=True, env=env)
+    for digit in (9, 4):
+        delta = ConceptDelta.load(tmp_path / "deltas" / f"digit-{digit}.safetensors")
+        assert delta.concepts == [digit] and delta.hyperparameters["jointly_with"] == [9, 4]

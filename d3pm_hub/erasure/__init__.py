@@ -25,7 +25,7 @@ from .closed_form import erase_closed_form
 from .esd import erase_esd
 from .inference import InferenceTimeErasurePipeline
 from .naive import erase_naive
-from .separable import erase_separable
+from .separable import erase_separable, erase_separable_jointly
 from .sepme import decoupling_projector, erase_sepme
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,11 @@ METHODS: dict[str, Callable[..., ConceptDelta]] = {
     "sepme": erase_sepme,
     "separable": erase_separable,
 }
+# Methods that can train one delta per digit together, so that the deltas compose (``--jointly``).
+JOINT_METHODS: dict[str, Callable[..., list[ConceptDelta]]] = {"separable": erase_separable_jointly}
 
 __all__ = [
+    "JOINT_METHODS",
     "METHODS",
     "AttackResult",
     "InferenceTimeErasurePipeline",
@@ -55,6 +58,7 @@ __all__ = [
     "erase_naive",
     "erase_sepme",
     "erase_separable",
+    "erase_separable_jointly",
     "run_erase",
 ]
 
@@ -78,6 +82,11 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
     parser.add_argument("--digits", type=int, nargs="+", required=True, help="digits erased by one delta")
     parser.add_argument("--each", action="store_true", help="one delta per digit instead of one for all")
+    parser.add_argument(
+        "--jointly",
+        action="store_true",
+        help=f"one delta per digit, trained together so that they compose (methods: {', '.join(JOINT_METHODS)})",
+    )
     parser.add_argument("--model", default=str(DEFAULT_PIPELINE), help="base pipeline folder or Hub repo id")
     parser.add_argument("--output-dir", default="outputs/deltas", help="writes {output_dir}/digit-{d}.safetensors")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method hyper-parameters")
@@ -91,13 +100,18 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
     pipeline = D3PMPipeline.from_pretrained(args.model)
     pipeline.to(PartialState().device)
     hyperparameters = parse_hyperparameters(args.set)
-    groups = [[digit] for digit in args.digits] if args.each else [args.digits]
+    if args.jointly and args.method not in JOINT_METHODS:
+        raise ValueError(f"--jointly needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
+    if args.jointly:
+        deltas = JOINT_METHODS[args.method](pipeline, args.digits, base_model=str(args.model), **hyperparameters)
+    else:
+        groups = [[digit] for digit in args.digits] if args.each else [args.digits]
+        method = METHODS[args.method]
+        deltas = [method(pipeline, digits, base_model=str(args.model), **hyperparameters) for digits in groups]
     written = []
-    for digits in groups:
-        delta = METHODS[args.method](pipeline, digits, base_model=str(args.model), **hyperparameters)
-        if PartialState().is_main_process:
-            name = "digit-" + "-".join(map(str, digits)) + ".safetensors"
-            path = delta.save(Path(args.output_dir) / name, dtype=torch.float32 if args.float32 else torch.float16)
-            logger.info("Wrote %s (%d values, %s)", path, delta.num_parameters(), delta.metrics)
-            written.append(path)
+    for delta in deltas if PartialState().is_main_process else []:
+        name = "digit-" + "-".join(map(str, delta.concepts)) + ".safetensors"
+        path = delta.save(Path(args.output_dir) / name, dtype=torch.float32 if args.float32 else torch.float16)
+        logger.info("Wrote %s (%d values, %s)", path, delta.num_parameters(), delta.metrics)
+        written.append(path)
     return written

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 
 from ..data import dataset_to_tensors, load_mnist
 from ..pipeline import D3PMPipeline
@@ -166,15 +166,47 @@ class EarlyStopping:
 
 @dataclass
 class OptimisationResult:
-    """Increments Δ = θ − θ₀ of the trained parameters, the per-step losses, steps run and seconds."""
+    """Increments Δ_g = θ_g − θ₀ of the trained parameters (one dict per group), per-step losses, steps, seconds."""
 
-    increments: dict[str, torch.Tensor]
+    increments: list[dict[str, torch.Tensor]]
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
 
 
-LossFunction = Callable[[D3PMUNet, torch.Generator], dict[str, torch.Tensor]]
+class ConceptIncrements(torch.nn.Module):
+    """Trainable increments Δ_g of chosen parameters, one set per group g, on top of a frozen UNet θ₀.
+
+    ``forward(x_t, timesteps, labels, groups=None, **kwargs)`` runs the UNet with θ₀ + Σ_{g ∈ groups} Δ_g
+    (every group when ``groups`` is None), so increments can be trained to work alone and summed.
+    """
+
+    def __init__(self, unet: D3PMUNet, names: list[str], num_groups: int = 1):
+        super().__init__()
+        self.unet = unet.requires_grad_(False)
+        self.names = list(names)
+        self.increments = torch.nn.ModuleList(
+            torch.nn.ParameterList(torch.zeros_like(unet.get_parameter(name)) for name in self.names)
+            for _ in range(num_groups)
+        )
+
+    def forward(self, x_t, timesteps, labels, groups: list[int] | None = None, **kwargs) -> torch.Tensor:
+        groups = range(len(self.increments)) if groups is None else groups
+        parameters = {
+            name: self.unet.get_parameter(name) + sum(self.increments[g][i] for g in groups)
+            for i, name in enumerate(self.names)
+        }
+        return torch.func.functional_call(self.unet, parameters, (x_t, timesteps, labels), kwargs)
+
+    def named_increments(self) -> list[dict[str, torch.Tensor]]:
+        """Δ_g per group as ``{parameter name: tensor}`` (detached, on the CPU)."""
+        return [
+            {name: delta.detach().cpu() for name, delta in zip(self.names, group, strict=True)}
+            for group in self.increments
+        ]
+
+
+LossFunction = Callable[[ConceptIncrements, torch.Generator], dict[str, torch.Tensor]]
 
 
 def optimise_increment(
@@ -184,34 +216,32 @@ def optimise_increment(
     steps: int,
     learning_rate: float,
     l2_penalty: float = 0.0,
-    project: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    project: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
     early_stopping: EarlyStopping | None = None,
     max_grad_norm: float = 1.0,
+    num_groups: int = 1,
     seed: int = 0,
 ) -> OptimisationResult:
-    """Adam on a copy of ``unet`` with only ``names`` trainable; returns Δ for those names.
+    """Adam on increments Δ_g of ``names`` over a copy of ``unet`` (`ConceptIncrements`); returns every Δ_g.
 
-    Minimises ``loss_fn(model, generator)["loss"] + l2_penalty · Σ ‖θ − θ₀‖²``. After every step the
-    increment of each parameter may be replaced by ``project(name, Δ)`` (weight decoupling). With
-    ``early_stopping`` the loop ends once ``loss_fn(...)["concept"]`` stops improving.
+    Minimises ``loss_fn(model, generator)["loss"] + l2_penalty · Σ_g ‖Δ_g‖²``; the loss calls
+    ``model(x_t, t, labels)`` (all groups) or ``model(..., groups=[...])`` (a subset). After every step each
+    increment may be replaced by ``project(group, name, Δ)`` (weight decoupling). With ``early_stopping`` the
+    loop ends once ``loss_fn(...)["concept"]`` stops improving.
 
-    The trainable copy and the optimiser go through ``accelerator.prepare`` (device placement, DDP under
+    The model and the optimiser go through ``accelerator.prepare`` (device placement, DDP under
     ``accelerate launch``); ``unet`` itself is never modified.
     """
     if steps < 1 or learning_rate <= 0:
         raise ValueError(f"steps and learning_rate must be positive, got {steps} and {learning_rate}.")
-    accelerator = Accelerator()
-    model = copy.deepcopy(unet).train()
-    base = {name: p.detach().clone() for name, p in model.named_parameters() if name in names}
-    trainable = []
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name in base)
-        if name in base:
-            trainable.append(parameter)
+    # With several groups a step may train only some of them: DDP must allow unused parameters.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if num_groups > 1 else []
+    accelerator = Accelerator(kwargs_handlers=handlers)
+    increments = ConceptIncrements(copy.deepcopy(unet).train(), names, num_groups)
+    trainable = list(increments.increments.parameters())
     optimizer = torch.optim.Adam(trainable, lr=learning_rate)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    named = dict(accelerator.unwrap_model(model).named_parameters())
-    base = {name: value.to(accelerator.device) for name, value in base.items()}
+    model, optimizer = accelerator.prepare(increments, optimizer)
+    increments = accelerator.unwrap_model(model)
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
     history: list[dict[str, float]] = []
     started = time.perf_counter()
@@ -219,23 +249,23 @@ def optimise_increment(
         losses = loss_fn(model, generator)
         loss = losses["loss"]
         if l2_penalty:
-            loss = loss + l2_penalty * sum(((named[n] - base[n]) ** 2).sum() for n in base)
+            loss = loss + l2_penalty * sum((delta**2).sum() for delta in trainable)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()
         if project is not None:
             with torch.no_grad():
-                for name in base:
-                    named[name].copy_(base[name] + project(name, named[name] - base[name]))
+                for group, deltas in enumerate(increments.increments):
+                    for name, delta in zip(increments.names, deltas, strict=True):
+                        delta.copy_(project(group, name, delta))
         history.append({key: float(value.detach()) for key, value in losses.items()})
         if step % 50 == 0:
             logger.info("erase step %d: %s", step, {k: round(v, 5) for k, v in history[-1].items()})
         if early_stopping is not None and early_stopping.update(history[-1]["concept"]):
             logger.info("early stop at step %d (concept loss %.5f)", step + 1, early_stopping.smoothed)
             break
-    increments = {name: (named[name].detach() - base[name]).cpu() for name in base}
-    return OptimisationResult(increments, history, len(history), time.perf_counter() - started)
+    return OptimisationResult(increments.named_increments(), history, len(history), time.perf_counter() - started)
 
 
 def erasure_loss(

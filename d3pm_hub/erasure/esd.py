@@ -62,4 +62,4 @@ def erase_esd(
     )
     method = f"esd-{parameters}" + ("-kl" if loss == "kl" else "") + ("-preserve" if preserve_weight else "")
     metrics = {"erase_seconds": round(result.seconds, 2), "final_concept_loss": result.history[-1]["concept"]}
-    return ConceptDelta.create(frozen, result.increments, digits, method, hyperparameters, base_model, metrics)
+    return ConceptDelta.create(frozen, result.increments[0], digits, method, hyperparameters, base_model, metrics)

@@ -62,4 +62,4 @@ def erase_naive(
         seed=seed,
     )
     metrics = {"erase_seconds": round(result.seconds, 2), "final_loss": result.history[-1]["loss"]}
-    return ConceptDelta.create(frozen, result.increments, digits, "naive", hyperparameters, base_model, metrics)
+    return ConceptDelta.create(frozen, result.increments[0], digits, "naive", hyperparameters, base_model, metrics)

@@ -20,7 +20,10 @@ This method edits both labels' keys and values in every ``attn2.to_k/to_v``, and
 Weight decoupling (as in SepME): every increment ΔW is projected onto the null space of the other digits' tokens
 and the shared tokens (ΔW p = 0), so every other label keeps its keys and values exactly; each digit's increment
 touches only its own tokens and the null label's. Deltas therefore compose by addition; their null label edits
-add in key/value space (approximately the sum of the negative guidance terms — the pair matrix measures how well).
+add in key/value space, which is not by itself the sum of the negative guidance terms (the network is nonlinear in
+them). `erase_separable_jointly` therefore trains one null edit Δ_e per digit *together*: each step draws a subset
+S of the digits and fits θ₀ + Σ_{e∈S} Δ_e to the joint target softmax(z_∅ − β Σ_{e∈S} (z_e − z_∅)), so that every
+single delta and every sum of up to ``max(subset_sizes)`` of them erases what it should from the null label.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from ..deltas import ConceptDelta
 from ..pipeline import D3PMPipeline
+from ..unet import D3PMUNet
 from .anchors import rank_anchors
 from .closed_form import erase_closed_form
 from .common import DigitSampler, check_digits, frozen_copy, logit_divergence, optimise_increment, select_parameters
@@ -47,7 +51,7 @@ def erase_separable(
     seed: int = 0,
     base_model: str = "",
 ) -> ConceptDelta:
-    """Map the erased labels onto anchors and distil negative guidance into the null label — see above.
+    """One delta erasing ``digits``: erased labels mapped onto anchors, negative guidance in the null label.
 
     Args:
         pipeline: the trained base pipeline (not modified).
@@ -60,34 +64,71 @@ def erase_separable(
         seed: seed of batches, timesteps and noise.
         base_model: where the base came from (recorded in the metadata).
     """
-    unet = pipeline.unet
-    digits = check_digits(unet, digits)
+    settings = dict(null_alpha=null_alpha, anchor=anchor, steps=steps, learning_rate=learning_rate)
+    settings |= dict(batch_size=batch_size, null_keys=null_keys, seed=seed, base_model=base_model)
+    return separable_deltas(pipeline, [check_digits(pipeline.unet, digits)], subset_sizes=(1,), **settings)[0]
+
+
+def erase_separable_jointly(
+    pipeline: D3PMPipeline,
+    digits: list[int],
+    subset_sizes: tuple[int, ...] = (1, 2),
+    steps: int = 1000,
+    **settings,
+) -> list[ConceptDelta]:
+    """One delta per digit, with null-label edits trained together so any subset of the deltas composes.
+
+    Each step trains the sum of the null edits of a random subset of ``digits`` (its size drawn uniformly from
+    ``subset_sizes``) towards that subset's joint negative guidance target. ``settings`` are `erase_separable`'s.
+    """
+    digits = check_digits(pipeline.unet, digits)
+    if not subset_sizes or not all(1 <= size <= len(digits) for size in subset_sizes):
+        raise ValueError(f"subset_sizes must lie in 1..{len(digits)} (the number of digits), got {subset_sizes}.")
+    return separable_deltas(pipeline, [[digit] for digit in digits], tuple(subset_sizes), steps=steps, **settings)
+
+
+def separable_deltas(
+    pipeline: D3PMPipeline,
+    groups: list[list[int]],
+    subset_sizes: tuple[int, ...],
+    null_alpha: float = 1.0,
+    anchor: int | str | None = "auto",
+    steps: int = 100,
+    learning_rate: float = 3e-3,
+    batch_size: int = 16,
+    null_keys: bool = True,
+    seed: int = 0,
+    base_model: str = "",
+) -> list[ConceptDelta]:
+    """A separable delta per group of digits; null edits trained on subsets of groups (sizes ``subset_sizes``)."""
     frozen = frozen_copy(pipeline)
     null = frozen.null_label
-    anchors = None if anchor is None else choose_anchors(frozen, pipeline.scheduler, digits, anchor, seed)
-    trained_labels = [null] if anchor is not None else [*digits, null]
-    projector = decoupling_projector(frozen, trained_labels).to(frozen.device)
+    erased = [digit for group in groups for digit in group]
+    anchors = None if anchor is None else choose_anchors(frozen, pipeline.scheduler, erased, anchor, seed, groups)
+    trained = [[null] if anchor is not None else [*group, null] for group in groups]
+    projectors = [decoupling_projector(frozen, labels).to(frozen.device) for labels in trained]
     everything = DigitSampler.for_digits(pipeline.scheduler, list(range(null)))
     device = frozen.device
 
+    def draw_subset(generator: torch.Generator) -> list[int]:
+        if len(groups) == 1:
+            return [0]
+        size = subset_sizes[torch.randint(len(subset_sizes), (), generator=generator)]
+        return torch.randperm(len(groups), generator=generator)[:size].tolist()
+
     def loss_fn(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        subset = draw_subset(generator)
         _, x_t, timesteps, _ = everything.draw(pipeline.scheduler, batch_size, generator, device)
-        labels = [null, *digits]
-        with torch.no_grad():
-            outputs = frozen(
-                x_t.repeat(len(labels), 1, 1, 1),
-                timesteps.repeat(len(labels)),
-                torch.tensor(labels, device=device).repeat_interleave(batch_size),
-            ).chunk(len(labels))
-            unconditional = outputs[0]
-            target = unconditional - null_alpha * sum(z - unconditional for z in outputs[1:])
-        count = len(trained_labels)
+        digits = [digit for g in subset for digit in groups[g]]
+        target = joint_negative_guidance(frozen, x_t, timesteps, digits, null_alpha)
+        labels = [label for g in subset for label in trained[g] if label != null] + [null]
         predicted = model(
-            x_t.repeat(count, 1, 1, 1),
-            timesteps.repeat(count),
-            torch.tensor(trained_labels, device=device).repeat_interleave(batch_size),
+            x_t.repeat(len(labels), 1, 1, 1),
+            timesteps.repeat(len(labels)),
+            torch.tensor(labels, device=device).repeat_interleave(batch_size),
+            groups=subset,
         )
-        loss = logit_divergence(predicted, target.repeat(count, 1, 1, 1), "kl")
+        loss = logit_divergence(predicted, target.repeat(len(labels), 1, 1, 1), "kl")
         return {"loss": loss, "concept": loss}
 
     result = optimise_increment(
@@ -96,39 +137,63 @@ def erase_separable(
         loss_fn,
         steps,
         learning_rate,
-        project=lambda name, increment: (increment.double() @ projector).to(increment.dtype),
+        project=lambda group, name, increment: (increment.double() @ projectors[group]).to(increment.dtype),
+        num_groups=len(groups),
         seed=seed,
     )
-    increments = result.increments
-    for digit, ranked in (anchors or {}).items():
-        mapped = erase_closed_form(pipeline, [digit], target_label=ranked[0])
-        increments = {name: increments.get(name, 0) + value for name, value in mapped.tensors.items()}
-    hyperparameters = dict(
-        null_alpha=null_alpha,
-        anchor=anchor,
-        anchors=anchors,
-        steps=steps,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        null_keys=null_keys,
-        seed=seed,
-    )
+    hyperparameters = dict(null_alpha=null_alpha, anchor=anchor, steps=steps, learning_rate=learning_rate)
+    hyperparameters |= dict(batch_size=batch_size, null_keys=null_keys, seed=seed)
+    if len(groups) > 1:
+        hyperparameters |= dict(jointly_with=erased, subset_sizes=list(subset_sizes))
     metrics = {"erase_seconds": round(result.seconds, 2), "final_loss": result.history[-1]["loss"]}
-    return ConceptDelta.create(frozen, increments, digits, "separable", hyperparameters, base_model, metrics)
+    deltas = []
+    for group, increments in zip(groups, result.increments, strict=True):
+        group_anchors = None if anchors is None else {digit: anchors[digit] for digit in group}
+        for digit, ranked in (group_anchors or {}).items():
+            mapped = erase_closed_form(pipeline, [digit], target_label=ranked[0])
+            increments = {name: increments.get(name, 0) + value for name, value in mapped.tensors.items()}
+        settings = hyperparameters | {"anchors": group_anchors}
+        deltas.append(ConceptDelta.create(frozen, increments, group, "separable", settings, base_model, metrics))
+    return deltas
 
 
-def choose_anchors(unet, scheduler, digits: list[int], anchor: int | str, seed: int = 0) -> dict[int, list[int]]:
-    """Ranked anchors per erased digit: `rank_anchors` order, with a given ``anchor`` digit moved first."""
+@torch.no_grad()
+def joint_negative_guidance(
+    frozen: D3PMUNet, x_t: torch.Tensor, timesteps: torch.Tensor, digits: list[int], beta: float
+) -> torch.Tensor:
+    """z* = z_∅ − β Σₑ (z_e − z_∅) over the erased ``digits`` e, ``(B, K, H, W)`` from the frozen model."""
+    labels = [frozen.null_label, *digits]
+    outputs = frozen(
+        x_t.repeat(len(labels), 1, 1, 1),
+        timesteps.repeat(len(labels)),
+        torch.tensor(labels, device=x_t.device).repeat_interleave(len(x_t)),
+    ).chunk(len(labels))
+    unconditional = outputs[0]
+    return unconditional - beta * sum(z - unconditional for z in outputs[1:])
+
+
+def choose_anchors(
+    unet, scheduler, digits: list[int], anchor: int | str, seed: int = 0, groups: list[list[int]] | None = None
+) -> dict[int, list[int]]:
+    """Ranked anchors per erased digit: `rank_anchors` order, with a given ``anchor`` digit moved first.
+
+    A digit never anchors onto a digit of its own group (``groups``; by default all ``digits`` are one group).
+    """
+    groups = groups or [digits]
     if anchor != "auto" and (
-        isinstance(anchor, str) or not 0 <= int(anchor) < unet.null_label or int(anchor) in digits
+        isinstance(anchor, str)
+        or not 0 <= int(anchor) < unet.null_label
+        or any(int(anchor) in group for group in groups)
     ):
         raise ValueError(
-            f"anchor must be 'auto', None or a digit in 0..{unet.null_label - 1} that is not erased, got {anchor!r}."
+            f"anchor must be 'auto', None or a digit in 0..{unet.null_label - 1} that the same delta does not "
+            f"erase, got {anchor!r}."
         )
     anchors = {}
-    for digit in digits:
-        ranked = rank_anchors(unet, scheduler, digit, excluded=tuple(digits), seed=seed)
-        if anchor != "auto":
-            ranked = [int(anchor)] + [a for a in ranked if a != int(anchor)]
-        anchors[digit] = ranked
+    for group in groups:
+        for digit in group:
+            ranked = rank_anchors(unet, scheduler, digit, excluded=tuple(group), seed=seed)
+            if anchor != "auto":
+                ranked = [int(anchor)] + [a for a in ranked if a != int(anchor)]
+            anchors[digit] = ranked
     return anchors

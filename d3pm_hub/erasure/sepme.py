@@ -88,7 +88,7 @@ def erase_sepme(
     frozen = frozen_copy(pipeline)
     projector = decoupling_projector(frozen, digits).to(frozen.device) if decouple else None
 
-    def project(name: str, increment: torch.Tensor) -> torch.Tensor:
+    def project(group: int, name: str, increment: torch.Tensor) -> torch.Tensor:
         return (increment.double() @ projector).to(increment.dtype)
 
     loss_fn = erasure_loss(frozen, pipeline.scheduler, digits, alpha, loss, batch_size)
@@ -121,4 +121,4 @@ def erase_sepme(
         "steps_run": result.steps,
         "final_concept_loss": result.history[-1]["concept"],
     }
-    return ConceptDelta.create(frozen, result.increments, digits, "sepme", hyperparameters, base_model, metrics)
+    return ConceptDelta.create(frozen, result.increments[0], digits, "sepme", hyperparameters, base_model, metrics)
