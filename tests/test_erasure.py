@@ -214,14 +214,41 @@ def test_erase_script_writes_a_loadable_delta(trained, tmp_path):
     ],
 )
 def test_every_weight_editing_family_runs_from_the_erase_script(trained, tmp_path, launcher, method, settings):
-    trained.save_pretrained(tmp_path / "base")
-    prefix = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:]] if launcher else [sys.executable]
-    command = [*prefix, str(REPO / "training" / "erase.py"), "--method", method, "--digits", "9"]
-    command += ["--model", str(tmp_path / "base"), "--output-dir", str(tmp_path / "deltas"), "--set", *settings]
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent)}
-    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
+    run_erase_script(trained, tmp_path, launcher, "--method", method, "--digits", "9", "--set", *settings)
     delta = ConceptDelta.load(tmp_path / "deltas" / "digit-9.safetensors")
     assert delta.method == method and delta.concepts == [9] and delta.hyperparameters["steps"] == 2
+
+
+def run_erase_script(trained, tmp_path, launcher: list[str], *arguments: str) -> None:
+    """``training/erase.py`` (under ``launcher``, e.g. ``accelerate launch``) on the fixture model → tmp/deltas."""
+    trained.save_pretrained(tmp_path / "base")
+    prefix = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:]] if launcher else [sys.executable]
+    command = [*prefix, str(REPO / "training" / "erase.py"), *arguments]
+    command += ["--model", str(tmp_path / "base"), "--output-dir", str(tmp_path / "deltas")]
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent)}
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("launcher", [[], ["accelerate", "launch", "--cpu", "--num_processes", "1"]])
+def test_inference_time_erasure_runs_from_the_erase_script(trained, tmp_path, launcher):
+    arguments = ["--method", "inference-negative", "--digits", "9", "--set", "negative_scale=2"]
+    run_erase_script(trained, tmp_path, launcher, *arguments)
+    path = tmp_path / "deltas" / "digit-9.json"
+    loaded = InferenceTimeErasurePipeline.load_erasure(trained, path)
+    assert loaded.erased_digits == (9,) and loaded.negative_scale == 2.0 and loaded.method == "inference-negative"
+    direct = InferenceTimeErasurePipeline.wrap(trained, [9], negative_scale=2.0)
+    sample, t, labels = torch.randint(0, 8, (4, 1, 28, 28)), torch.full((4,), 30), torch.tensor([9, 4, 10, 9])
+    torch.testing.assert_close(loaded.x0_log_probs(sample, t, labels, 1.0), direct.x0_log_probs(sample, t, labels, 1.0))
+    config = json.loads(path.read_text())
+    other = tiny_pipeline()
+    with pytest.raises(ValueError, match="another base model"):
+        InferenceTimeErasurePipeline.load_erasure(other, path)
+    path.write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99"):
+        InferenceTimeErasurePipeline.load_erasure(trained, path)
+    path.write_bytes(b"\x00safetensors?")
+    with pytest.raises(ValueError, match="not an inference-time erasure config"):
+        InferenceTimeErasurePipeline.load_erasure(trained, path)
 
 
 def test_exact_closed_form_is_decoupled_and_maps_onto_null(trained):
@@ -344,12 +371,12 @@ def test_with_every_anchor_erased_the_label_draws_the_edited_null_label(trained)
 
 @pytest.fixture(scope="module")
 def joint_deltas(trained) -> list[ConceptDelta]:
-    return erase_separable_jointly(trained, [4, 7, 9], steps=90, learning_rate=1e-2, batch_size=8)
+    return erase_separable_jointly(trained, [4, 7, 9], steps=90, null_alpha=1.0, learning_rate=1e-2, batch_size=8)
 
 
 @torch.no_grad()
 def null_target_mismatch(pipeline, parameters, digits) -> float:
-    """KL(softmax(z_∅ − Σₑ (z_e − z_∅)) ‖ edited null label) in nats per pixel, on noised real digits of every class."""
+    """KL(p* ‖ edited null label), p* the β = 1 target of ``digits``, in nats per pixel on noised real digits."""
     generator = torch.Generator().manual_seed(1)
     sampler = DigitSampler.for_digits(pipeline.scheduler, list(range(10)))
     _, x_t, t, _ = sampler.draw(pipeline.scheduler, 64, generator, "cpu")

@@ -2,7 +2,8 @@
 
 Every method is ``erase_<method>(pipeline, digits, **hyperparameters) -> ConceptDelta``; `METHODS` names
 the variants that `training/erase.py`, the ``d3pm-hub erase`` command and the benchmark run. Inference-time
-erasure changes no weights and lives in `InferenceTimeErasurePipeline`; the concept-inversion attack that
+erasure (`INFERENCE_METHODS`) changes no weights and lives in `InferenceTimeErasurePipeline` (the scripts write its
+JSON erasure config); the concept-inversion attack that
 measures robustness lives in :mod:`.attack`.
 """
 
@@ -23,7 +24,7 @@ from ..pipeline import D3PMPipeline
 from .attack import AttackResult, attacked_parameters, concept_inversion_attack
 from .closed_form import erase_closed_form
 from .esd import erase_esd
-from .inference import InferenceTimeErasurePipeline
+from .inference import INFERENCE_METHODS, InferenceTimeErasurePipeline
 from .naive import erase_naive
 from .separable import erase_separable, erase_separable_jointly
 from .sepme import decoupling_projector, erase_sepme
@@ -45,6 +46,7 @@ METHODS: dict[str, Callable[..., ConceptDelta]] = {
 JOINT_METHODS: dict[str, Callable[..., list[ConceptDelta]]] = {"separable": erase_separable_jointly}
 
 __all__ = [
+    "INFERENCE_METHODS",
     "JOINT_METHODS",
     "METHODS",
     "AttackResult",
@@ -79,7 +81,7 @@ def parse_hyperparameters(assignments: list[str]) -> dict:
 
 def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``training/erase.py`` and ``d3pm-hub erase``."""
-    parser.add_argument("--method", required=True, choices=sorted(METHODS))
+    parser.add_argument("--method", required=True, choices=sorted([*METHODS, *INFERENCE_METHODS]))
     parser.add_argument("--digits", type=int, nargs="+", required=True, help="digits erased by one delta")
     parser.add_argument("--each", action="store_true", help="one delta per digit instead of one for all")
     parser.add_argument(
@@ -102,16 +104,22 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
     hyperparameters = parse_hyperparameters(args.set)
     if args.jointly and args.method not in JOINT_METHODS:
         raise ValueError(f"--jointly needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
-    if args.jointly:
-        deltas = JOINT_METHODS[args.method](pipeline, args.digits, base_model=str(args.model), **hyperparameters)
+    groups = [[digit] for digit in args.digits] if args.each else [args.digits]
+    if args.method in INFERENCE_METHODS:
+        settings = {"negative_scale": INFERENCE_METHODS[args.method]} | hyperparameters
+        erasures = [InferenceTimeErasurePipeline.wrap(pipeline, digits, **settings) for digits in groups]
+    elif args.jointly:
+        erasures = JOINT_METHODS[args.method](pipeline, args.digits, base_model=str(args.model), **hyperparameters)
     else:
-        groups = [[digit] for digit in args.digits] if args.each else [args.digits]
         method = METHODS[args.method]
-        deltas = [method(pipeline, digits, base_model=str(args.model), **hyperparameters) for digits in groups]
+        erasures = [method(pipeline, digits, base_model=str(args.model), **hyperparameters) for digits in groups]
     written = []
-    for delta in deltas if PartialState().is_main_process else []:
-        name = "digit-" + "-".join(map(str, delta.concepts)) + ".safetensors"
-        path = delta.save(Path(args.output_dir) / name, dtype=torch.float32 if args.float32 else torch.float16)
-        logger.info("Wrote %s (%d values, %s)", path, delta.num_parameters(), delta.metrics)
-        written.append(path)
+    for erasure in erasures if PartialState().is_main_process else []:
+        name = "digit-" + "-".join(map(str, erasure.concepts))
+        if isinstance(erasure, InferenceTimeErasurePipeline):  # no weights change: an erasure config
+            written.append(erasure.save_erasure(Path(args.output_dir) / f"{name}.json", str(args.model)))
+        else:
+            dtype = torch.float32 if args.float32 else torch.float16
+            written.append(erasure.save(Path(args.output_dir) / f"{name}.safetensors", dtype=dtype))
+            logger.info("Wrote %s (%d values, %s)", written[-1], erasure.num_parameters(), erasure.metrics)
     return written

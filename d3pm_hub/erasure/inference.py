@@ -9,14 +9,28 @@
       log p ← log p − s⁻ Σₑ (log p(x0 | x_t, e) − log p(x0 | x_t, ∅)),   renormalised over the K levels.
 
 It is a filter on the sampler: the weights still hold the digit (and anyone with the weights can skip it).
+Its artefact is therefore not a delta but a small JSON *erasure config* (`save_erasure` / `load_erasure`: digits,
+negative scale, the base model's identity), which ``training/erase.py --method inference-switch|inference-negative``
+writes.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
 import torch
 
+from ..deltas import base_model_hash
 from ..pipeline import D3PMPipeline
 from .common import check_digits
+
+ERASURE_CONFIG_VERSION = 1
+# Method name → default negative guidance scale s⁻.
+INFERENCE_METHODS = {"inference-switch": 0.0, "inference-negative": 1.0}
 
 
 class InferenceTimeErasurePipeline(D3PMPipeline):
@@ -37,6 +51,55 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
         wrapped.erased_digits = tuple(check_digits(pipeline.unet, digits))
         wrapped.negative_scale = float(negative_scale)
         return wrapped
+
+    @property
+    def method(self) -> str:
+        return "inference-negative" if self.negative_scale else "inference-switch"
+
+    @property
+    def concepts(self) -> list[int]:
+        """The erased digits (as `~d3pm_hub.deltas.ConceptDelta.concepts`)."""
+        return list(self.erased_digits)
+
+    def save_erasure(self, path: str | Path, base_model: str = "") -> Path:
+        """Write this erasure as JSON (digits, negative scale, base model hash), atomically (temp file + rename)."""
+        config = {
+            "format_version": ERASURE_CONFIG_VERSION,
+            "method": self.method,
+            "concepts": self.concepts,
+            "negative_scale": self.negative_scale,
+            "base_model_hash": base_model_hash(self.unet),
+            "base_model": base_model,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(handle, "w") as file:
+            json.dump(config, file, indent=1)
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def load_erasure(cls, pipeline: D3PMPipeline, path: str | Path) -> InferenceTimeErasurePipeline:
+        """``pipeline`` wrapped with the erasure saved at ``path``.
+
+        Raises:
+            ValueError: not an erasure config, a newer format version, or one made for another base model.
+        """
+        try:
+            config = json.loads(Path(path).read_text())
+            version, digits, scale = config["format_version"], config["concepts"], config["negative_scale"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} is not an inference-time erasure config ({error!r}).") from error
+        if version > ERASURE_CONFIG_VERSION:
+            raise ValueError(f"{path} has format version {version}; upgrade d3pm-hub to read it.")
+        if config.get("base_model_hash") != base_model_hash(pipeline.unet):
+            raise ValueError(
+                f"{path} was made for another base model ({config.get('base_model') or 'unknown'}); "
+                "load the pipeline it names."
+            )
+        return cls.wrap(pipeline, digits, negative_scale=scale)
 
     def x0_log_probs(
         self,
