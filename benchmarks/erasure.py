@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from d3pm_hub import D3PMPipeline
-from d3pm_hub.deltas import compose_parameters
+from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.erasure import METHODS, InferenceTimeErasurePipeline, attacked_parameters, concept_inversion_attack
 from d3pm_hub.evaluation import evaluate_pipeline, load_classifier, real_reference
 from d3pm_hub.evaluation.classifier import DigitClassifier, predict_proba
 from d3pm_hub.evaluation.metrics import sample_images
-from d3pm_hub.paths import DEFAULT_PIPELINE
+from d3pm_hub.paths import DEFAULT_PIPELINE, PRETRAINED
 from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
 NULL = 10
@@ -103,6 +103,14 @@ def histogram(result, label) -> list[float]:
     return (torch.bincount(result[label][0], minlength=10).float() / len(result[label][0])).tolist()
 
 
+def make_delta(pipeline, name: str, digit: int, model: str) -> ConceptDelta:
+    """The delta of method ``name`` for ``digit``: made now with `SETTINGS`, or ``shipped:{method}`` from
+    ``pretrained/deltas/{method}/digit-{digit}.safetensors``."""
+    if name.startswith("shipped:"):
+        return ConceptDelta.load(PRETRAINED / "deltas" / name.removeprefix("shipped:") / f"digit-{digit}.safetensors")
+    return METHODS[name](pipeline, [digit], base_model=model, **SETTINGS[name])
+
+
 def attack(pipeline, classifier, digit, parameters, budgets, samples, args) -> dict:
     """Attack success (classifier rate of ``digit``) at each step budget, and the seconds spent."""
     result = concept_inversion_attack(pipeline, digit, budgets, parameters, args.attack_learning_rate)
@@ -124,7 +132,7 @@ def main() -> None:
         "--methods",
         nargs="+",
         default=["base", "inference-switch", "inference-negative", *METHODS],
-        help="method names; 'a+b' composes the deltas of methods a and b",
+        help="method names; 'a+b' composes the deltas of methods a and b; 'shipped:m' loads the shipped m delta",
     )
     parser.add_argument("--samples-per-label", type=int, default=100)
     parser.add_argument("--num-inference-steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
@@ -149,10 +157,7 @@ def main() -> None:
             scale = 1.0 if method == "inference-negative" else 0.0
             sampler = InferenceTimeErasurePipeline.wrap(pipeline, [args.digit], negative_scale=scale)
         elif method != "base":
-            deltas = [  # "a+b": the deltas of both methods composed
-                METHODS[name](pipeline, [args.digit], base_model=args.model, **SETTINGS[name])
-                for name in method.split("+")
-            ]
+            deltas = [make_delta(pipeline, name, args.digit, args.model) for name in method.split("+")]
             parameters = compose_parameters(pipeline.unet, deltas)
             sampler = lambda **kw: pipeline(**kw, unet_parameters=parameters)  # noqa: B023, E731
         erase_seconds = time.perf_counter() - started

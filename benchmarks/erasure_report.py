@@ -168,6 +168,17 @@ def sweep_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def targets_table(report: dict) -> str:
+    """Rate of each erased digit among null-label samples guided away from the set, per combination and scale."""
+    scales = report["args"]["scales"]
+    header = "| erased set | " + " | ".join(f"{c} β={s:g}" for c in ("sum", "mixture") for s in scales) + " |"
+    lines = [header, "|---" * (1 + 2 * len(scales)) + "|"]
+    for erased, rows in report["rates"].items():
+        cells = [" / ".join(f"{r:.2f}" for r in rows[c][str(float(s))]) for c in ("sum", "mixture") for s in scales]
+        lines.append(f"| {erased} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--leaderboard", nargs="*", default=[], help="benchmarks/erasure.py outputs, merged")
@@ -175,6 +186,7 @@ def main() -> None:
     parser.add_argument("--matrix", help="benchmarks/erasure_compose.py --matrix output")
     parser.add_argument("--strengths", help="benchmarks/erasure_compose.py --strengths output")
     parser.add_argument("--sweeps", nargs="*", default=[], help="benchmarks/erasure_sweep.py outputs")
+    parser.add_argument("--targets", help="benchmarks/erasure_targets.py output")
     args = parser.parse_args()
     if args.leaderboard:
         reports = [load(path) for path in args.leaderboard]
@@ -195,6 +207,8 @@ def main() -> None:
             "samples per label):\n"
         )
         print(sweep_table(report), end="\n\n")
+    if args.targets:
+        print(targets_table(load(args.targets)), end="\n\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from d3pm_hub import D3PMPipeline
+from d3pm_hub.cards import delta_card
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.erasure import (
     METHODS,
@@ -29,7 +30,7 @@ from d3pm_hub.erasure import (
     erase_sepme,
 )
 from d3pm_hub.erasure.anchors import anchors_of, context_token_table, rank_anchors
-from d3pm_hub.erasure.common import DigitSampler, logit_divergence, select_parameters
+from d3pm_hub.erasure.common import DigitSampler, guide_away, logit_divergence, select_parameters
 from d3pm_hub.erasure.separable import joint_negative_guidance
 from d3pm_hub.training import TrainConfig, train
 
@@ -217,6 +218,7 @@ def test_every_weight_editing_family_runs_from_the_erase_script(trained, tmp_pat
     run_erase_script(trained, tmp_path, launcher, "--method", method, "--digits", "9", "--set", *settings)
     delta = ConceptDelta.load(tmp_path / "deltas" / "digit-9.safetensors")
     assert delta.method == method and delta.concepts == [9] and delta.hyperparameters["steps"] == 2
+    assert delta.metadata["base_model"] == "base"  # the folder's name, not this machine's absolute path
 
 
 def run_erase_script(trained, tmp_path, launcher: list[str], *arguments: str) -> None:
@@ -231,12 +233,13 @@ def run_erase_script(trained, tmp_path, launcher: list[str], *arguments: str) ->
 
 @pytest.mark.parametrize("launcher", [[], ["accelerate", "launch", "--cpu", "--num_processes", "1"]])
 def test_inference_time_erasure_runs_from_the_erase_script(trained, tmp_path, launcher):
-    arguments = ["--method", "inference-negative", "--digits", "9", "--set", "negative_scale=2"]
+    arguments = ["--method", "inference-negative", "--digits", "9", "--set", "negative_scale=2", "combine=mixture"]
     run_erase_script(trained, tmp_path, launcher, *arguments)
     path = tmp_path / "deltas" / "digit-9.json"
     loaded = InferenceTimeErasurePipeline.load_erasure(trained, path)
-    assert loaded.erased_digits == (9,) and loaded.negative_scale == 2.0 and loaded.method == "inference-negative"
-    direct = InferenceTimeErasurePipeline.wrap(trained, [9], negative_scale=2.0)
+    assert loaded.erased_digits == (9,) and loaded.negative_scale == 2.0 and loaded.combine == "mixture"
+    assert loaded.method == "inference-negative"
+    direct = InferenceTimeErasurePipeline.wrap(trained, [9], negative_scale=2.0, combine="mixture")
     sample, t, labels = torch.randint(0, 8, (4, 1, 28, 28)), torch.full((4,), 30), torch.tensor([9, 4, 10, 9])
     torch.testing.assert_close(loaded.x0_log_probs(sample, t, labels, 1.0), direct.x0_log_probs(sample, t, labels, 1.0))
     config = json.loads(path.read_text())
@@ -410,6 +413,8 @@ def test_jointly_trained_deltas_stay_decoupled(trained, joint_deltas):
     anchor = anchors_of(joint_deltas[2].hyperparameters)[9][0]
     _, (label_nine, anchored) = logits(trained, [9, anchor], nine)
     torch.testing.assert_close(label_nine, anchored, atol=1e-4, rtol=1e-4)
+    card = str(delta_card(joint_deltas[2], "deltas/separable/digit-9.safetensors"))
+    assert "trained together with the deltas of digits 4, 7 (on random subsets of 1 or 2 digits" in card
 
 
 def test_joint_training_refuses_bad_subsets_and_methods_without_it(trained, tmp_path):
@@ -425,3 +430,22 @@ def test_joint_training_refuses_bad_subsets_and_methods_without_it(trained, tmp_
     for digit in (9, 4):
         delta = ConceptDelta.load(tmp_path / "deltas" / f"digit-{digit}.safetensors")
         assert delta.concepts == [digit] and delta.hyperparameters["jointly_with"] == [9, 4]
+
+
+def test_negative_guidance_away_from_one_digit_or_the_mixture_of_several():
+    generator = torch.Generator().manual_seed(0)
+    unconditional, first, second = torch.randn(3, 2, 8, 4, 4, generator=generator).log_softmax(2)
+    one = torch.stack([first])
+    torch.testing.assert_close(
+        guide_away(unconditional, unconditional, one, 2.0, "sum"),
+        guide_away(unconditional, unconditional, one, 2.0, "mixture"),
+    )
+    both = torch.stack([first, second])
+    summed = guide_away(unconditional, unconditional, both, 1.0, "sum")
+    torch.testing.assert_close(summed, 3 * unconditional - first - second)
+    mixture = guide_away(unconditional, unconditional, both, 1.0, "mixture")
+    torch.testing.assert_close(mixture, 2 * unconditional - ((first.exp() + second.exp()) / 2).log())
+    with pytest.raises(ValueError, match="negative guidance"):
+        guide_away(unconditional, unconditional, both, 1.0, "max")
+    with pytest.raises(ValueError, match="combine"):
+        InferenceTimeErasurePipeline.wrap(tiny_pipeline(), [9], negative_scale=1.0, combine="max")

@@ -95,6 +95,16 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--float32", action="store_true", help="store increments in float32 (default float16)")
 
 
+def model_name(model: str) -> str:
+    """How a delta names its base: a Hub id as given, a local folder relative to the working directory when it
+    lies inside it (no absolute paths of this machine in files meant for sharing), else the folder's name."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    resolved = path.resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else resolved.name
+
+
 def run_erase(args: argparse.Namespace) -> list[Path]:
     """Load the base pipeline, erase, and save the delta(s); returns the files written (main process only)."""
     from accelerate import PartialState
@@ -102,6 +112,7 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
     pipeline = D3PMPipeline.from_pretrained(args.model)
     pipeline.to(PartialState().device)
     hyperparameters = parse_hyperparameters(args.set)
+    base_model = model_name(args.model)
     if args.jointly and args.method not in JOINT_METHODS:
         raise ValueError(f"--jointly needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
     groups = [[digit] for digit in args.digits] if args.each else [args.digits]
@@ -109,15 +120,15 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
         settings = {"negative_scale": INFERENCE_METHODS[args.method]} | hyperparameters
         erasures = [InferenceTimeErasurePipeline.wrap(pipeline, digits, **settings) for digits in groups]
     elif args.jointly:
-        erasures = JOINT_METHODS[args.method](pipeline, args.digits, base_model=str(args.model), **hyperparameters)
+        erasures = JOINT_METHODS[args.method](pipeline, args.digits, base_model=base_model, **hyperparameters)
     else:
         method = METHODS[args.method]
-        erasures = [method(pipeline, digits, base_model=str(args.model), **hyperparameters) for digits in groups]
+        erasures = [method(pipeline, digits, base_model=base_model, **hyperparameters) for digits in groups]
     written = []
     for erasure in erasures if PartialState().is_main_process else []:
         name = "digit-" + "-".join(map(str, erasure.concepts))
         if isinstance(erasure, InferenceTimeErasurePipeline):  # no weights change: an erasure config
-            written.append(erasure.save_erasure(Path(args.output_dir) / f"{name}.json", str(args.model)))
+            written.append(erasure.save_erasure(Path(args.output_dir) / f"{name}.json", base_model))
         else:
             dtype = torch.float32 if args.float32 else torch.float16
             written.append(erasure.save(Path(args.output_dir) / f"{name}.safetensors", dtype=dtype))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,28 @@ def negative_guidance_target(
     both = frozen(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([labels, null_labels]))
     cond, unconditional = both.chunk(2)
     return unconditional - alpha * (cond - unconditional)
+
+
+NEGATIVE_GUIDANCE = ("sum", "mixture")
+
+
+def guide_away(
+    guided: torch.Tensor, unconditional: torch.Tensor, erased: torch.Tensor, scale: float, combine: str = "sum"
+) -> torch.Tensor:
+    """Negative guidance away from a set S of erased digits, on x0 log-probabilities ``(B, K, H, W)``.
+
+        sum:      log p̃ − s Σ_{e∈S} (log p_e − log p_∅)
+        mixture:  log p̃ − s (log (1/|S|) Σ_{e∈S} p_e − log p_∅)
+
+    with log p̃ = ``guided``, log p_∅ = ``unconditional`` and ``erased`` ``(|S|, B, K, H, W)`` the log p_e. The two
+    agree for one digit; for a set the sum pushes |S| times, the mixture erases "any of S" once. Unnormalised.
+    """
+    if combine == "sum":
+        return guided - scale * (erased - unconditional).sum(0)
+    if combine == "mixture":
+        mixture = torch.logsumexp(erased, dim=0) - math.log(len(erased))
+        return guided - scale * (mixture - unconditional)
+    raise ValueError(f"Unknown negative guidance {combine!r}; choose one of {NEGATIVE_GUIDANCE}.")
 
 
 def logit_divergence(logits: torch.Tensor, target_logits: torch.Tensor, kind: str) -> torch.Tensor:

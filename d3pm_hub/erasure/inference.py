@@ -6,7 +6,9 @@
 * and, with ``negative_scale`` s⁻ > 0, subtract the erased digits' guidance direction from every sample
   (negative prompting / safe guidance on x0 distributions):
 
-      log p ← log p − s⁻ Σₑ (log p(x0 | x_t, e) − log p(x0 | x_t, ∅)),   renormalised over the K levels.
+      log p ← log p − s⁻ Σₑ (log p(x0 | x_t, e) − log p(x0 | x_t, ∅)),   renormalised over the K levels,
+
+  or, with ``combine="mixture"``, the direction of their mixture (1/|S|) Σₑ p(x0 | x_t, e).
 
 It is a filter on the sampler: the weights still hold the digit (and anyone with the weights can skip it).
 Its artefact is therefore not a delta but a small JSON *erasure config* (`save_erasure` / `load_erasure`: digits,
@@ -26,7 +28,7 @@ import torch
 
 from ..deltas import base_model_hash
 from ..pipeline import D3PMPipeline
-from .common import check_digits
+from .common import NEGATIVE_GUIDANCE, check_digits, guide_away
 
 ERASURE_CONFIG_VERSION = 1
 # Method name → default negative guidance scale s⁻.
@@ -41,15 +43,22 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
 
     erased_digits: tuple[int, ...] = ()
     negative_scale: float = 0.0
+    combine: str = "sum"
 
     @classmethod
-    def wrap(cls, pipeline: D3PMPipeline, digits: list[int], negative_scale: float = 0.0):
-        """The same UNet and scheduler (shared, not copied) with ``digits`` erased at sampling time."""
+    def wrap(cls, pipeline: D3PMPipeline, digits: list[int], negative_scale: float = 0.0, combine: str = "sum"):
+        """The same UNet and scheduler (shared, not copied) with ``digits`` erased at sampling time.
+
+        ``combine``: how several digits' guidance terms combine (`~d3pm_hub.erasure.common.guide_away`).
+        """
         if negative_scale < 0:
             raise ValueError(f"negative_scale must be ≥ 0, got {negative_scale}.")
+        if combine not in NEGATIVE_GUIDANCE:
+            raise ValueError(f"combine must be one of {NEGATIVE_GUIDANCE}, got {combine!r}.")
         wrapped = cls(unet=pipeline.unet, scheduler=pipeline.scheduler)
         wrapped.erased_digits = tuple(check_digits(pipeline.unet, digits))
         wrapped.negative_scale = float(negative_scale)
+        wrapped.combine = combine
         return wrapped
 
     @property
@@ -68,6 +77,7 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
             "method": self.method,
             "concepts": self.concepts,
             "negative_scale": self.negative_scale,
+            "combine": self.combine,
             "base_model_hash": base_model_hash(self.unet),
             "base_model": base_model,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -99,7 +109,7 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
                 f"{path} was made for another base model ({config.get('base_model') or 'unknown'}); "
                 "load the pipeline it names."
             )
-        return cls.wrap(pipeline, digits, negative_scale=scale)
+        return cls.wrap(pipeline, digits, negative_scale=scale, combine=config.get("combine", "sum"))
 
     def x0_log_probs(
         self,
@@ -117,7 +127,9 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
         if not self.negative_scale:
             return log_probs
         unconditional = super().x0_log_probs(sample, timestep, null, 0.0, unet)
-        for digit in self.erased_digits:
-            digit_log_probs = super().x0_log_probs(sample, timestep, torch.full_like(null, digit), 1.0, unet)
-            log_probs = log_probs - self.negative_scale * (digit_log_probs - unconditional)
-        return torch.log_softmax(log_probs, dim=1)
+        erased = [
+            D3PMPipeline.x0_log_probs(self, sample, timestep, torch.full_like(null, digit), 1.0, unet)
+            for digit in self.erased_digits
+        ]
+        guided = guide_away(log_probs, unconditional, torch.stack(erased), self.negative_scale, self.combine)
+        return torch.log_softmax(guided, dim=1)

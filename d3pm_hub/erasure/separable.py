@@ -28,8 +28,6 @@ single delta and every sum of up to ``max(subset_sizes)`` of them erases what it
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..deltas import ConceptDelta
@@ -37,7 +35,15 @@ from ..pipeline import D3PMPipeline
 from ..unet import D3PMUNet
 from .anchors import rank_anchors
 from .closed_form import erase_closed_form
-from .common import DigitSampler, check_digits, frozen_copy, logit_divergence, optimise_increment, select_parameters
+from .common import (
+    DigitSampler,
+    check_digits,
+    frozen_copy,
+    guide_away,
+    logit_divergence,
+    optimise_increment,
+    select_parameters,
+)
 from .sepme import decoupling_projector
 
 
@@ -166,13 +172,13 @@ def separable_deltas(
 def joint_negative_guidance(
     frozen: D3PMUNet, x_t: torch.Tensor, timesteps: torch.Tensor, digits: list[int], beta: float
 ) -> torch.Tensor:
-    """Negative guidance away from the *mixture* of the erased digits, ``(B, K, H, W)`` target logits.
+    """Target logits ``(B, K, H, W)``: the frozen null label guided away from the *mixture* of ``digits``.
 
-        z* = log p_∅ − β (log (1/|S|) Σ_{e∈S} p_e − log p_∅),   p = softmax(z) of the frozen model
+        log p* = log p_∅ − β (log (1/|S|) Σ_{e∈S} p_e − log p_∅)        (`guide_away`, ``"mixture"``)
 
-    For one digit this is ESD's z_∅ − β (z_e − z_∅) (up to a per-pixel constant). For a set it erases the
-    concept "any of S" once, where the sum Σₑ (z_e − z_∅) would push |S| times: measured on the null label's samples
-    that overshoot brings digits back (sampling 2 and 6 away by the sum at β = 2 draws 25% 2s; by the mixture, 0%).
+    For one digit this is ESD's z_∅ − β (z_e − z_∅) up to a per-pixel constant. For a set, the sum of the digits'
+    guidance terms pushes |S| times and overshoots into other shapes the classifier reads as an erased digit
+    (``benchmarks/erasure_targets.py`` samples both targets at inference time).
     """
     labels = [frozen.null_label, *digits]
     outputs = frozen(
@@ -180,10 +186,8 @@ def joint_negative_guidance(
         timesteps.repeat(len(labels)),
         torch.tensor(labels, device=x_t.device).repeat_interleave(len(x_t)),
     ).float()
-    log_probs = torch.log_softmax(outputs, dim=1).chunk(len(labels))
-    unconditional, erased = log_probs[0], torch.stack(log_probs[1:])
-    mixture = torch.logsumexp(erased, dim=0) - math.log(len(digits))
-    return unconditional - beta * (mixture - unconditional)
+    log_probs = torch.stack(torch.log_softmax(outputs, dim=1).chunk(len(labels)))
+    return guide_away(log_probs[0], log_probs[0], log_probs[1:], beta, "mixture")
 
 
 def choose_anchors(
