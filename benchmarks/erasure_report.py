@@ -3,10 +3,12 @@
     python benchmarks/erasure_report.py --leaderboard benchmarks/results/erasure-9.json \
         benchmarks/results/erasure-9-separable.json --digits benchmarks/results/erasure-separable-digits.json \
         --matrix benchmarks/results/erasure-separable-matrix.json \
-        --strengths benchmarks/results/erasure-separable-strength-9.json --sweeps benchmarks/results/sweep-*.json
+        --strengths benchmarks/results/erasure-separable-strength-9.json --sweeps benchmarks/results/sweep-*.json \
+        --targets benchmarks/results/erasure-targets.json
 
 Prints Markdown: the leaderboard (and its attack table), the per-digit table of the shipped deltas, the pair
-matrix, the strength sweep and one table per hyper-parameter sweep. Nothing here measures; it only formats.
+matrix, the strength sweep, one table per hyper-parameter sweep and the null-target comparison. Nothing here
+measures; it only formats.
 """
 
 from __future__ import annotations
