@@ -28,6 +28,9 @@ single delta and every sum of up to ``max(subset_sizes)`` of them erases what it
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from ..deltas import ConceptDelta
@@ -47,71 +50,70 @@ from .common import (
 from .sepme import decoupling_projector
 
 
-def erase_separable(
-    pipeline: D3PMPipeline,
-    digits: list[int],
-    null_alpha: float = 1.0,
-    anchor: int | str | None = "auto",
-    steps: int = 100,
-    learning_rate: float = 3e-3,
-    batch_size: int = 16,
-    null_keys: bool = True,
-    seed: int = 0,
-    base_model: str = "",
-) -> ConceptDelta:
-    """One delta erasing ``digits``: erased labels mapped onto anchors, negative guidance in the null label.
+@dataclass(frozen=True)
+class SeparableSettings:
+    """Hyper-parameters of `separable` (stored in every delta's metadata).
 
-    Args:
-        pipeline: the trained base pipeline (not modified).
-        digits: labels to erase.
+    Attributes:
         null_alpha: β of the null label's target p* ∝ p_∅ (p_∅ / p_S)^β (`joint_negative_guidance`).
         anchor: ``"auto"`` (each erased label takes the keys and values of its best-ranked anchor, closed form),
             a digit (that digit first, then the ranked others), or None (erased labels learn the null target).
         steps, learning_rate, batch_size: Adam on x_t from real images of every digit.
         null_keys: train the null label's keys as well as its values (False: values only).
         seed: seed of batches, timesteps and noise.
-        base_model: where the base came from (recorded in the metadata).
     """
-    settings = dict(null_alpha=null_alpha, anchor=anchor, steps=steps, learning_rate=learning_rate)
-    settings |= dict(batch_size=batch_size, null_keys=null_keys, seed=seed, base_model=base_model)
-    return separable_deltas(pipeline, [check_digits(pipeline.unet, digits)], subset_sizes=(1,), **settings)[0]
+
+    null_alpha: float = 1.0
+    anchor: int | str | None = "auto"
+    steps: int = 100
+    learning_rate: float = 3e-3
+    batch_size: int = 16
+    null_keys: bool = True
+    seed: int = 0
+
+
+def erase_separable(pipeline: D3PMPipeline, digits: list[int], base_model: str = "", **settings) -> ConceptDelta:
+    """One delta erasing ``digits``: erased labels mapped onto anchors, negative guidance in the null label.
+
+    Args:
+        pipeline: the trained base pipeline (not modified).
+        digits: labels to erase.
+        base_model: where the base came from (recorded in the metadata).
+        settings: `SeparableSettings` fields.
+    """
+    groups = [check_digits(pipeline.unet, digits)]
+    return separable_deltas(pipeline, groups, (1,), SeparableSettings(**settings), base_model)[0]
 
 
 def erase_separable_jointly(
     pipeline: D3PMPipeline,
     digits: list[int],
     subset_sizes: tuple[int, ...] = (1, 2),
-    steps: int = 2000,
-    null_alpha: float = 2.0,
+    base_model: str = "",
     **settings,
 ) -> list[ConceptDelta]:
     """One delta per digit, with null-label edits trained together so any subset of the deltas composes.
 
     Each step trains the sum of the null edits of a random subset of ``digits`` (its size drawn uniformly from
-    ``subset_sizes``) towards that subset's joint negative guidance target. ``settings`` are `erase_separable`'s.
-    The mixture target tolerates a stronger β than one digit needs; β = 2 holds pairs that β = 1 lets leak.
+    ``subset_sizes``) towards that subset's target. ``settings``: `SeparableSettings` fields, here by default
+    2,000 steps and β = 2 (the mixture target tolerates a stronger β than one digit needs, and β = 2 holds pairs).
     """
     digits = check_digits(pipeline.unet, digits)
     if not subset_sizes or not all(1 <= size <= len(digits) for size in subset_sizes):
         raise ValueError(f"subset_sizes must lie in 1..{len(digits)} (the number of digits), got {subset_sizes}.")
-    groups = [[digit] for digit in digits]
-    return separable_deltas(pipeline, groups, tuple(subset_sizes), steps=steps, null_alpha=null_alpha, **settings)
+    settings = SeparableSettings(**{"steps": 2000, "null_alpha": 2.0} | settings)
+    return separable_deltas(pipeline, [[digit] for digit in digits], tuple(subset_sizes), settings, base_model)
 
 
 def separable_deltas(
     pipeline: D3PMPipeline,
     groups: list[list[int]],
     subset_sizes: tuple[int, ...],
-    null_alpha: float = 1.0,
-    anchor: int | str | None = "auto",
-    steps: int = 100,
-    learning_rate: float = 3e-3,
-    batch_size: int = 16,
-    null_keys: bool = True,
-    seed: int = 0,
+    settings: SeparableSettings,
     base_model: str = "",
 ) -> list[ConceptDelta]:
     """A separable delta per group of digits; null edits trained on subsets of groups (sizes ``subset_sizes``)."""
+    anchor, batch_size, seed = settings.anchor, settings.batch_size, settings.seed
     frozen = frozen_copy(pipeline)
     null = frozen.null_label
     erased = [digit for group in groups for digit in group]
@@ -131,7 +133,7 @@ def separable_deltas(
         subset = draw_subset(generator)
         _, x_t, timesteps, _ = everything.draw(pipeline.scheduler, batch_size, generator, device)
         digits = [digit for g in subset for digit in groups[g]]
-        target = joint_negative_guidance(frozen, x_t, timesteps, digits, null_alpha)
+        target = joint_negative_guidance(frozen, x_t, timesteps, digits, settings.null_alpha)
         labels = [label for g in subset for label in trained[g] if label != null] + [null]
         predicted = model(
             x_t.repeat(len(labels), 1, 1, 1),
@@ -144,16 +146,15 @@ def separable_deltas(
 
     result = optimise_increment(
         frozen,
-        [name for name in select_parameters(frozen, "context") if null_keys or ".to_v." in name],
+        [name for name in select_parameters(frozen, "context") if settings.null_keys or ".to_v." in name],
         loss_fn,
-        steps,
-        learning_rate,
+        settings.steps,
+        settings.learning_rate,
         project=lambda group, name, increment: (increment.double() @ projectors[group]).to(increment.dtype),
         num_groups=len(groups),
         seed=seed,
     )
-    hyperparameters = dict(null_alpha=null_alpha, anchor=anchor, steps=steps, learning_rate=learning_rate)
-    hyperparameters |= dict(batch_size=batch_size, null_keys=null_keys, seed=seed)
+    hyperparameters = dataclasses.asdict(settings)
     if len(groups) > 1:
         hyperparameters |= dict(jointly_with=erased, subset_sizes=list(subset_sizes))
     metrics = {"erase_seconds": round(result.seconds, 2), "final_loss": result.history[-1]["loss"]}
@@ -163,8 +164,8 @@ def separable_deltas(
         for digit, ranked in (group_anchors or {}).items():
             mapped = erase_closed_form(pipeline, [digit], target_label=ranked[0])
             increments = {name: increments.get(name, 0) + value for name, value in mapped.tensors.items()}
-        settings = hyperparameters | {"anchors": group_anchors}
-        deltas.append(ConceptDelta.create(frozen, increments, group, "separable", settings, base_model, metrics))
+        recorded = hyperparameters | {"anchors": group_anchors}
+        deltas.append(ConceptDelta.create(frozen, increments, group, "separable", recorded, base_model, metrics))
     return deltas
 
 
