@@ -4,11 +4,12 @@
         benchmarks/results/erasure-9-separable.json --digits benchmarks/results/erasure-separable-digits.json \
         --matrix benchmarks/results/erasure-separable-matrix.json \
         --strengths benchmarks/results/erasure-separable-strength-9.json --sweeps benchmarks/results/sweep-*.json \
-        --targets benchmarks/results/erasure-targets.json
+        --targets benchmarks/results/erasure-targets.json \
+        --attack-digits benchmarks/results/erasure-separable-attack-digits-*.json
 
 Prints Markdown: the leaderboard (and its attack table), the per-digit table of the shipped deltas, the pair
-matrix, the strength sweep, one table per hyper-parameter sweep and the null-target comparison. Nothing here
-measures; it only formats.
+matrix, the strength sweep, one table per hyper-parameter sweep, the null-target comparison and the per-digit
+attack. Nothing here measures; it only formats.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def merge_leaderboards(reports: list[dict]) -> dict:
     return merged
 
 
+def steps_to_half(success: dict) -> str:
+    """The first budget whose attack success reaches 50%, or "> largest budget"."""
+    reached = [int(b) for b, rate in sorted(success.items(), key=lambda item: int(item[0])) if rate >= 0.5]
+    return str(reached[0]) if reached else f"> {max(int(b) for b in success)}"
+
+
 def attack_table(report: dict) -> str:
     """Attack success per budget, the first budget reaching 50% and the attack's seconds, per method."""
     rows = {m: e["summary"]["attack"] for m, e in report["methods"].items() if "attack" in e["summary"]}
@@ -45,10 +52,8 @@ def attack_table(report: dict) -> str:
         "|---|" + "---|" * (len(budgets) + 2),
     ]
     for method, row in rows.items():
-        success = {int(b): s for b, s in row["success"].items()}
-        reached = [b for b in budgets if success[b] >= 0.5]
-        cells = [f"{success[b]:.2f}" for b in budgets]
-        first = str(reached[0]) if reached else f"> {budgets[-1]}"
+        cells = [f"{row['success'][str(b)]:.2f}" for b in budgets]
+        first = steps_to_half(row["success"])
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {first} | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -181,6 +186,28 @@ def targets_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def attack_digits_table(reports: list[dict]) -> str:
+    """Per digit: attack success at each budget against the base model and against the shipped delta."""
+    method = reports[0]["args"]["method"]
+    budgets = reports[0]["args"]["budgets"]
+    header = (
+        "| digit | "
+        + " | ".join(f"base @{b}" for b in budgets)
+        + " | base: steps to 50% | "
+        + " | ".join(f"{method} @{b}" for b in budgets)
+        + f" | {method}: steps to 50% |"
+    )
+    lines = [header, "|---" * (3 + 2 * len(budgets)) + "|"]
+    rows = {int(d): row for report in reports for d, row in report["digits"].items()}
+    for digit, row in sorted(rows.items()):
+        cells = [str(digit)]
+        for model in ("base", method):
+            success = row[model]["success"]
+            cells += [f"{success[str(b)]:.2f}" for b in budgets] + [steps_to_half(success)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--leaderboard", nargs="*", default=[], help="benchmarks/erasure.py outputs, merged")
@@ -189,6 +216,7 @@ def main() -> None:
     parser.add_argument("--strengths", help="benchmarks/erasure_compose.py --strengths output")
     parser.add_argument("--sweeps", nargs="*", default=[], help="benchmarks/erasure_sweep.py outputs")
     parser.add_argument("--targets", help="benchmarks/erasure_targets.py output")
+    parser.add_argument("--attack-digits", nargs="*", default=[], help="benchmarks/erasure_attack_digits.py outputs")
     args = parser.parse_args()
     if args.leaderboard:
         reports = [load(path) for path in args.leaderboard]
@@ -211,6 +239,8 @@ def main() -> None:
         print(sweep_table(report), end="\n\n")
     if args.targets:
         print(targets_table(load(args.targets)), end="\n\n")
+    if args.attack_digits:
+        print(attack_digits_table([load(path) for path in args.attack_digits]), end="\n\n")
 
 
 if __name__ == "__main__":

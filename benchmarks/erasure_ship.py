@@ -98,9 +98,6 @@ def main() -> None:
                 args.other_samples,
             )
         )
-        attack = report["digits"].get(str(digit), {}).get("attack")
-        if attack:
-            metrics["attack_success"] = attack
         delta.metadata["metrics"] = json.dumps(metrics, sort_keys=True)
         delta.save(path)
         report["digits"][str(digit)] = metrics
