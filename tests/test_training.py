@@ -76,20 +76,23 @@ def run_launcher(prefix: list[str], output_dir: Path, attempts: int = 1) -> None
     about twenty runs (both ranks blocked in a collective, no error). A real deadlock stalls every attempt.
     """
     command = [*prefix, str(REPO / "training" / "train.py"), *tiny_cli_args(output_dir, 4, 0)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    # gloo on the loopback interface: the host name may resolve to an address the ranks cannot reach quickly.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    log = output_dir / "launcher.log"
     for attempt in range(1, attempts + 1):
-        process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-        )  # its own process group: a stall kills every rank
-        try:
-            _, stderr = process.communicate(timeout=150)
-            break
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            if attempt == attempts:
-                raise
-    assert process.returncode == 0, stderr[-3000:]
+        with log.open("w") as output:  # a file, not a pipe: a killed run's orphans cannot block the read
+            process = subprocess.Popen(
+                command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )  # its own process group: a stall kills every rank
+            try:
+                process.wait(timeout=150)
+                break
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                if attempt == attempts:
+                    raise
+    assert process.returncode == 0, log.read_text()[-3000:]
     assert (output_dir / "pipeline" / "model_index.json").is_file()
 
 
