@@ -111,6 +111,14 @@ def make_delta(pipeline, name: str, digit: int, model: str) -> ConceptDelta:
     return METHODS[name](pipeline, [digit], base_model=model, **SETTINGS[name])
 
 
+def add_attack_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampler and attack options that `attack` reads from its ``args``."""
+    parser.add_argument("--num-inference-steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
+    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
+    parser.add_argument("--attack-learning-rate", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def attack(pipeline, classifier, digit, parameters, budgets, samples, args) -> dict:
     """Attack success (classifier rate of ``digit``) at each step budget, and the seconds spent."""
     result = concept_inversion_attack(pipeline, digit, budgets, parameters, args.attack_learning_rate)
@@ -135,12 +143,9 @@ def main() -> None:
         help="method names; 'a+b' composes the deltas of methods a and b; 'shipped:m' loads the shipped m delta",
     )
     parser.add_argument("--samples-per-label", type=int, default=100)
-    parser.add_argument("--num-inference-steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
-    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--attack-budgets", type=int, nargs="*", default=[])
     parser.add_argument("--attack-samples", type=int, default=20)
-    parser.add_argument("--attack-learning-rate", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
+    add_attack_arguments(parser)
     parser.add_argument("--output", default="benchmarks/results/erasure.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -15,11 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-from erasure import attack, load_models  # benchmarks/erasure.py
+from erasure import add_attack_arguments, attack, load_models  # benchmarks/erasure.py
 
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.paths import PRETRAINED
-from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
 
 def main() -> None:
@@ -28,10 +27,7 @@ def main() -> None:
     parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--samples", type=int, default=30)
-    parser.add_argument("--attack-learning-rate", type=float, default=1e-2)
-    parser.add_argument("--num-inference-steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
-    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    parser.add_argument("--seed", type=int, default=0)
+    add_attack_arguments(parser)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     pipeline, classifier = load_models()

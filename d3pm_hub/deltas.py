@@ -20,8 +20,6 @@ import copy
 import hashlib
 import json
 import math
-import os
-import tempfile
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
@@ -34,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .paths import atomic_write
 from .pipeline import D3PMPipeline
 
 FORMAT_VERSION = 1
@@ -105,21 +104,10 @@ class ConceptDelta:
         Increments are stored in ``dtype`` (float16 by default: half the size; the rounding is ≤ 2⁻¹¹ relative).
         """
         self.validate()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: value.to(dtype).contiguous() for name, value in self.tensors.items()}
         if not all(torch.isfinite(value).all() for value in tensors.values()):
             raise ValueError(f"Increments overflow {dtype}; save in float32.")
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata=self.metadata)
-            os.chmod(temporary, 0o644)  # mkstemp creates 0600
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-        return path
+        return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=self.metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptDelta:

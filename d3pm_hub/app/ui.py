@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from ..paths import atomic_write
 from .service import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
@@ -75,11 +75,7 @@ def tile_file(tile: Image.Image) -> str:
     data = buffer.getvalue()
     path = TILE_FOLDER / f"{hashlib.sha256(data).hexdigest()}.png"
     if not path.exists():
-        TILE_FOLDER.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(dir=TILE_FOLDER, suffix=".tmp")
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(staging, path)
+        atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
     return str(path)
 
 

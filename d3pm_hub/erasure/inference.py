@@ -19,14 +19,13 @@ writes.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from ..deltas import base_model_hash
+from ..paths import atomic_write
 from ..pipeline import D3PMPipeline
 from .common import NEGATIVE_GUIDANCE, check_digits, guide_away
 
@@ -82,13 +81,7 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
             "base_model": base_model,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(handle, "w") as file:
-            json.dump(config, file, indent=1)
-        os.replace(temporary, path)
-        return path
+        return atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(config, indent=1)))
 
     @classmethod
     def load_erasure(cls, pipeline: D3PMPipeline, path: str | Path) -> InferenceTimeErasurePipeline:
