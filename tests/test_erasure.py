@@ -30,7 +30,7 @@ from d3pm_hub.erasure import (
     erase_sepme,
 )
 from d3pm_hub.erasure.anchors import anchors_of, context_token_table, rank_anchors
-from d3pm_hub.erasure.common import DigitSampler, guide_away, logit_divergence, select_parameters
+from d3pm_hub.erasure.common import DigitSampler, guide_away, logit_divergence, optimise_increment, select_parameters
 from d3pm_hub.erasure.separable import joint_negative_guidance
 from d3pm_hub.training import TrainConfig, train
 
@@ -449,3 +449,18 @@ def test_negative_guidance_away_from_one_digit_or_the_mixture_of_several():
         guide_away(unconditional, unconditional, both, 1.0, "max")
     with pytest.raises(ValueError, match="combine"):
         InferenceTimeErasurePipeline.wrap(tiny_pipeline(), [9], negative_scale=1.0, combine="max")
+
+
+def test_increments_follow_a_diffusers_learning_rate_schedule(trained):
+    def loss_fn(model, generator):
+        size = trained.unet.config.sample_size
+        logits = model(torch.zeros(2, 1, size, size, dtype=torch.long), torch.tensor([1, 1]), torch.tensor([9, 9]))
+        return {"loss": logits.square().mean(), "concept": logits.square().mean()}
+
+    names = select_parameters(trained.unet, "context")
+    cosine = optimise_increment(trained.unet, names, loss_fn, 4, 1e-2, lr_schedule="cosine")
+    assert [round(step["lr"], 6) for step in cosine.history] == [0.01, 0.008536, 0.005, 0.001464]
+    constant = optimise_increment(trained.unet, names, loss_fn, 4, 1e-2)
+    assert [step["lr"] for step in constant.history] == [0.01] * 4
+    with pytest.raises(ValueError, match="is not a valid SchedulerType"):
+        optimise_increment(trained.unet, names, loss_fn, 4, 1e-2, lr_schedule="sometimes")

@@ -59,6 +59,7 @@ class SeparableSettings:
         anchor: ``"auto"`` (each erased label takes the keys and values of its best-ranked anchor, closed form),
             a digit (that digit first, then the ranked others), or None (erased labels learn the null target).
         steps, learning_rate, batch_size: Adam on x_t from real images of every digit.
+        lr_schedule: diffusers learning-rate schedule over ``steps`` (``"constant"``, ``"cosine"``, ...).
         null_keys: train the null label's keys as well as its values (False: values only).
         seed: seed of batches, timesteps and noise.
     """
@@ -68,6 +69,7 @@ class SeparableSettings:
     steps: int = 100
     learning_rate: float = 3e-3
     batch_size: int = 16
+    lr_schedule: str = "constant"
     null_keys: bool = True
     seed: int = 0
 
@@ -153,6 +155,7 @@ def separable_deltas(
         project=lambda group, name, increment: (increment.double() @ projectors[group]).to(increment.dtype),
         num_groups=len(groups),
         seed=seed,
+        lr_schedule=settings.lr_schedule,
     )
     hyperparameters = dataclasses.asdict(settings)
     if len(groups) > 1:
