@@ -464,20 +464,3 @@ def test_increments_follow_a_diffusers_learning_rate_schedule(trained):
     assert [step["lr"] for step in constant.history] == [0.01] * 4
     with pytest.raises(ValueError, match="is not a valid SchedulerType"):
         optimise_increment(trained.unet, names, loss_fn, 4, 1e-2, lr_schedule="sometimes")
-
-
-def test_separable_focus_draws_that_share_of_each_batch_from_the_erased_digits(trained, monkeypatch):
-    drawn = []
-    draw = DigitSampler.draw
-
-    def recording_draw(self, *args, **kwargs):
-        batch = draw(self, *args, **kwargs)
-        drawn.append(batch[3])
-        return batch
-
-    monkeypatch.setattr(DigitSampler, "draw", recording_draw)
-    erase_separable_jointly(trained, [4, 9], subset_sizes=(2,), steps=3, batch_size=8, focus=0.5, anchor=None)
-    assert len(drawn) == 3 * 3  # per step: 2 images of each erased digit (in the subset's order), 4 of any digit
-    for own_first, own_second, anything in zip(drawn[::3], drawn[1::3], drawn[2::3], strict=True):
-        assert sorted(torch.cat([own_first, own_second]).tolist()) == [4, 4, 9, 9] and len(anything) == 4
-        assert own_first.unique().numel() == 1 and own_second.unique().numel() == 1

@@ -59,8 +59,6 @@ class SeparableSettings:
         anchor: ``"auto"`` (each erased label takes the keys and values of its best-ranked anchor, closed form),
             a digit (that digit first, then the ranked others), or None (erased labels learn the null target).
         steps, learning_rate, batch_size: Adam on x_t from real images of every digit.
-        focus: share of each batch drawn from the erased digits' own images (the states where the null label must
-            turn away from them); the rest comes from every digit.
         lr_schedule: diffusers learning-rate schedule over ``steps`` (``"constant"``, ``"cosine"``, ...).
         null_keys: train the null label's keys as well as its values (False: values only).
         seed: seed of batches, timesteps and noise.
@@ -71,7 +69,6 @@ class SeparableSettings:
     steps: int = 100
     learning_rate: float = 3e-3
     batch_size: int = 16
-    focus: float = 0.0
     lr_schedule: str = "constant"
     null_keys: bool = True
     seed: int = 0
@@ -126,7 +123,6 @@ def separable_deltas(
     trained = [[null] if anchor is not None else [*group, null] for group in groups]
     projectors = [decoupling_projector(frozen, labels).to(frozen.device) for labels in trained]
     everything = DigitSampler.for_digits(pipeline.scheduler, list(range(null)))
-    own = [DigitSampler.for_digits(pipeline.scheduler, group) for group in groups]
     device = frozen.device
 
     def draw_subset(generator: torch.Generator) -> list[int]:
@@ -137,11 +133,7 @@ def separable_deltas(
 
     def loss_fn(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
         subset = draw_subset(generator)
-        focused = round(settings.focus * batch_size / len(subset))
-        samplers = [own[g] for g in subset] + [everything]
-        counts = [focused] * len(subset) + [batch_size - focused * len(subset)]
-        drawn = [s.draw(pipeline.scheduler, n, generator, device) for s, n in zip(samplers, counts, strict=True) if n]
-        x_t, timesteps = (torch.cat([parts[i] for parts in drawn]) for i in (1, 2))
+        _, x_t, timesteps, _ = everything.draw(pipeline.scheduler, batch_size, generator, device)
         digits = [digit for g in subset for digit in groups[g]]
         target = joint_negative_guidance(frozen, x_t, timesteps, digits, settings.null_alpha)
         labels = [label for g in subset for label in trained[g] if label != null] + [null]
