@@ -26,8 +26,10 @@ from d3pm_hub.paths import PRETRAINED
 from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
 BASE = "pretrained/d3pm-mnist"
-# The per-digit deltas of one joint run see ~300 subset draws each (2,000 steps × 1.5 digits per step / 10 digits).
-JOINT_SETTINGS = {"separable": dict(SETTINGS["separable"], null_alpha=2.0, steps=2000, subset_sizes=(1, 2))}
+# The per-digit deltas of one joint run see ~450 subset draws each (3,000 steps × 1.5 digits per step / 10 digits).
+JOINT_SETTINGS = {
+    "separable": dict(SETTINGS["separable"], null_alpha=2.0, steps=3000, lr_schedule="cosine", subset_sizes=(1, 2))
+}
 
 
 def measure(pipeline, classifier, digit, parameters, samples, other_samples, seed=0) -> dict:

@@ -98,12 +98,13 @@ def erase_separable_jointly(
 
     Each step trains the sum of the null edits of a random subset of ``digits`` (its size drawn uniformly from
     ``subset_sizes``) towards that subset's target. ``settings``: `SeparableSettings` fields, here by default
-    2,000 steps and β = 2 (the mixture target tolerates a stronger β than one digit needs, and β = 2 holds pairs).
+    3,000 steps with a cosine learning-rate schedule and β = 2 (the mixture target tolerates a stronger β than one
+    digit needs, and β = 2 holds pairs; β = 3 overshoots into shapes read as the erased digit, BENCHMARKS.md §4).
     """
     digits = check_digits(pipeline.unet, digits)
     if not subset_sizes or not all(1 <= size <= len(digits) for size in subset_sizes):
         raise ValueError(f"subset_sizes must lie in 1..{len(digits)} (the number of digits), got {subset_sizes}.")
-    settings = SeparableSettings(**{"steps": 2000, "null_alpha": 2.0} | settings)
+    settings = SeparableSettings(**{"steps": 3000, "null_alpha": 2.0, "lr_schedule": "cosine"} | settings)
     return separable_deltas(pipeline, [[digit] for digit in digits], tuple(subset_sizes), settings, base_model)
 
 
