@@ -99,7 +99,7 @@ def erase_separable_jointly(
     Each step trains the sum of the null edits of a random subset of ``digits`` (its size drawn uniformly from
     ``subset_sizes``) towards that subset's target. ``settings``: `SeparableSettings` fields, here by default
     3,000 steps with a cosine learning-rate schedule and β = 2 (the mixture target tolerates a stronger β than one
-    digit needs, and β = 2 holds pairs; β = 3 overshoots into shapes read as the erased digit, BENCHMARKS.md §4).
+    digit needs, and β = 2 holds pairs; β = 3 overshoots into shapes read as the erased digit, BENCHMARKS.md §3).
     """
     digits = check_digits(pipeline.unet, digits)
     if not subset_sizes or not all(1 <= size <= len(digits) for size in subset_sizes):
