@@ -31,7 +31,7 @@ from d3pm_hub.erasure import (
 )
 from d3pm_hub.erasure.anchors import anchors_of, context_token_table, rank_anchors
 from d3pm_hub.erasure.common import DigitSampler, guide_away, logit_divergence, optimise_increment, select_parameters
-from d3pm_hub.erasure.separable import joint_negative_guidance
+from d3pm_hub.erasure.posterior import TargetPool, class_posterior, null_label_target
 from d3pm_hub.training import TrainConfig, train
 
 from .conftest import TINY_UNET, tiny_pipeline
@@ -372,19 +372,58 @@ def test_with_every_anchor_erased_the_label_draws_the_edited_null_label(trained)
     torch.testing.assert_close(label_nine, null, atol=1e-4, rtol=1e-4)
 
 
+def test_class_posterior_recovers_the_mixture_weights_of_the_null_prediction():
+    generator = torch.Generator().manual_seed(0)
+    log_labels = torch.log_softmax(3 * torch.randn(3, 2, 4, 5, 5, generator=generator), dim=2)  # (C, B, K, H, W)
+    weights = torch.tensor([[0.7, 0.1], [0.2, 0.3], [0.1, 0.6]])
+    log_null = torch.logsumexp(weights.log()[..., None, None, None] + log_labels, 0)
+    recovered = class_posterior(log_null, log_labels, iterations=500, pixels=25)
+    torch.testing.assert_close(recovered, weights, atol=0.02, rtol=0)
+
+
+def test_null_label_target_removes_the_erased_classes_from_the_mixture():
+    generator = torch.Generator().manual_seed(0)
+    log_labels = torch.log_softmax(torch.randn(3, 2, 4, 5, 5, generator=generator), dim=2)
+    weights = torch.tensor([[0.5, 0.2], [0.3, 0.3], [0.2, 0.5]])
+    log_null = torch.logsumexp(weights.log()[..., None, None, None] + log_labels, 0)
+    nothing_erased = null_label_target(log_null, log_labels, weights, [])
+    torch.testing.assert_close(torch.log_softmax(nothing_erased, 1), log_null)
+    kept = weights[1:] / weights[1:].sum(0)
+    expected = torch.logsumexp(kept.log()[..., None, None, None] + log_labels[1:], 0)
+    torch.testing.assert_close(torch.log_softmax(null_label_target(log_null, log_labels, weights, [0]), 1), expected)
+    sharp = null_label_target(log_null, log_labels, weights, [0], sharpness=50.0)  # γ → ∞: the likelier kept class
+    torch.testing.assert_close(torch.log_softmax(sharp, 1)[0], log_labels[1, 0], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="null target base"):
+        null_label_target(log_null, log_labels, weights, [0], base="prior")
+    with pytest.raises(ValueError, match="class posterior"):
+        null_label_target(log_null, log_labels, None, [0])
+
+
+def test_separable_posterior_target_moves_the_null_label_to_the_mixture_without_the_digit(trained):
+    delta = METHODS["separable"](trained, [9], null_target="posterior", null_alpha=0.0, pool_size=128, **FAST_GRADIENT)
+    assert delta.hyperparameters["null_target"] == "posterior" and delta.hyperparameters["pool_size"] == 128
+    target = dict(base="posterior", beta=0.0, sharpness=delta.hyperparameters["null_sharpness"])
+    before = null_target_mismatch(trained, dict(trained.unet.named_parameters()), [9], **target)
+    after = null_target_mismatch(trained, compose_parameters(trained.unet, [delta]), [9], **target)
+    assert after < 0.5 * before
+    _, base = logits(trained, [0, 4])
+    _, edited = logits(trained, [0, 4], compose_parameters(trained.unet, [delta]))
+    for before_logits, after_logits in zip(base, edited, strict=True):  # still decoupled
+        torch.testing.assert_close(after_logits, before_logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def joint_deltas(trained) -> list[ConceptDelta]:
     return erase_separable_jointly(trained, [4, 7, 9], steps=90, null_alpha=1.0, learning_rate=1e-2, batch_size=8)
 
 
 @torch.no_grad()
-def null_target_mismatch(pipeline, parameters, digits) -> float:
-    """KL(p* ‖ edited null label), p* the β = 1 target of ``digits``, in nats per pixel on noised real digits."""
-    generator = torch.Generator().manual_seed(1)
-    sampler = DigitSampler.for_digits(pipeline.scheduler, list(range(10)))
-    _, x_t, t, _ = sampler.draw(pipeline.scheduler, 64, generator, "cpu")
-    target = joint_negative_guidance(pipeline.unet, x_t, t, digits, 1.0)
-    null = torch.func.functional_call(pipeline.unet, parameters, (x_t, t, torch.full((64,), 10)))
+def null_target_mismatch(pipeline, parameters, digits, **target) -> float:
+    """KL(p* ‖ edited null label) in nats per pixel on noised real digits; p* the ``null_label_target`` of
+    ``digits`` (by default guidance away from them, β = 1)."""
+    pool = TargetPool.build(pipeline.unet, pipeline.scheduler, 64, torch.Generator().manual_seed(1), torch.float32)
+    target = null_label_target(pool.log_null, pool.log_labels, pool.posterior, digits, **{"beta": 1.0} | target)
+    null = torch.func.functional_call(pipeline.unet, parameters, (pool.x_t, pool.timesteps, torch.full((64,), 10)))
     return logit_divergence(null, target, "kl").item()
 
 

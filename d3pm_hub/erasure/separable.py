@@ -4,12 +4,15 @@ Mapping the erased label e onto the null label (closed form) cannot push e's rat
 own rate of e (≈ 10%), and negative guidance of e alone (ESD, SepME) leaves the null label drawing e as before.
 This method edits both labels' keys and values in every ``attn2.to_k/to_v``, and nothing else:
 
-* **null label** — the frozen model's unconditional distribution negatively guided away from the erased digits
+* **null label** — the frozen model's unconditional distribution with the erased digits S taken out of its class
+  mixture (`~d3pm_hub.erasure.posterior.null_label_target`)
 
-      p*(x0 | x_t) ∝ p_∅ · (p_∅ / p_S)^β,   p_S = (1/|S|) Σ_{e∈S} p_e         (β = ``null_alpha``)
+      p*(x0 | x_t) ∝ Σ_{c∉S} w_c(x_t)^γ p(x0 | x_t, c),   w_c(x_t) the class posterior of x_t,
 
-  is distilled into the null label's keys and values (KL(p* ‖ p_θ(· | x_t, ∅)) on x_t from real digits of every
-  class): the sampler's own "negative prompt", built into the weights;
+  optionally negatively guided away from S by (p_∅ / p_S)^β, is distilled into the null label's keys and values
+  (KL(p* ‖ p_θ(· | x_t, ∅)) on x_t from real digits of every class). Unlike negative guidance alone (β, the
+  previous default), which favours the digits least like S, the mixture keeps every other digit's share of the
+  unconditional samples;
 * **erased label** — mapped in closed form onto an anchor digit's keys and values (``anchor="auto"``, the
   default: the digit `~d3pm_hub.erasure.anchors.rank_anchors` finds least able to draw e), so label e draws
   clean digits of the anchor at the base model's confidence, as Concept Ablation anchors a concept. The ranked
@@ -22,7 +25,7 @@ and the shared tokens (ΔW p = 0), so every other label keeps its keys and value
 touches only its own tokens and the null label's. Deltas therefore compose by addition; their null label edits
 add in key/value space, which is not by itself the sum of the negative guidance terms (the network is nonlinear in
 them). `erase_separable_jointly` therefore trains one null edit Δ_e per digit *together*: each step draws a subset
-S of the digits and fits θ₀ + Σ_{e∈S} Δ_e to S's target p* (`joint_negative_guidance`), so that every
+S of the digits and fits θ₀ + Σ_{e∈S} Δ_e to S's target p*, so that every
 single delta and every sum of up to ``max(subset_sizes)`` of them erases what it should from the null label.
 """
 
@@ -35,18 +38,16 @@ import torch
 
 from ..deltas import ConceptDelta
 from ..pipeline import D3PMPipeline
-from ..unet import D3PMUNet
 from .anchors import rank_anchors
 from .closed_form import erase_closed_form
 from .common import (
-    DigitSampler,
     check_digits,
     frozen_copy,
-    guide_away,
     logit_divergence,
     optimise_increment,
     select_parameters,
 )
+from .posterior import TargetPool, null_label_target
 from .sepme import decoupling_projector
 
 
@@ -55,7 +56,12 @@ class SeparableSettings:
     """Hyper-parameters of `separable` (stored in every delta's metadata).
 
     Attributes:
-        null_alpha: β of the null label's target p* ∝ p_∅ (p_∅ / p_S)^β (`joint_negative_guidance`).
+        null_target: the null label's target without the erased digits S (`~.posterior.null_label_target`):
+            ``"posterior"`` (the unconditional mixture with S's classes removed) or ``"unconditional"`` (p_∅).
+        null_sharpness: the exponent γ on the class posterior weights of the ``"posterior"`` target.
+        null_alpha: β of the negative guidance away from S added to the null target.
+        pool_size: noisy real digits whose frozen predictions are computed once and drawn from (`TargetPool`);
+            0: fresh noisy digits and frozen predictions every step.
         anchor: ``"auto"`` (each erased label takes the keys and values of its best-ranked anchor, closed form),
             a digit (that digit first, then the ranked others), or None (erased labels learn the null target).
         steps, learning_rate, batch_size: Adam on x_t from real images of every digit.
@@ -64,7 +70,10 @@ class SeparableSettings:
         seed: seed of batches, timesteps and noise.
     """
 
+    null_target: str = "unconditional"
+    null_sharpness: float = 30.0
     null_alpha: float = 1.0
+    pool_size: int = 0
     anchor: int | str | None = "auto"
     steps: int = 100
     learning_rate: float = 3e-3
@@ -123,8 +132,18 @@ def separable_deltas(
     anchors = None if anchor is None else choose_anchors(frozen, pipeline.scheduler, erased, anchor, seed, groups)
     trained = [[null] if anchor is not None else [*group, null] for group in groups]
     projectors = [decoupling_projector(frozen, labels).to(frozen.device) for labels in trained]
-    everything = DigitSampler.for_digits(pipeline.scheduler, list(range(null)))
     device = frozen.device
+    needs_posterior = settings.null_target == "posterior"
+    pool = None
+    if settings.pool_size:
+        generator = torch.Generator().manual_seed(seed)
+        pool = TargetPool.build(frozen, pipeline.scheduler, settings.pool_size, generator, posterior=needs_posterior)
+
+    def draw_batch(generator: torch.Generator):
+        if pool is not None:
+            return pool.draw(batch_size, generator, device)
+        fresh = TargetPool.build(frozen, pipeline.scheduler, batch_size, generator, torch.float32, needs_posterior)
+        return fresh.select(slice(None), device)
 
     def draw_subset(generator: torch.Generator) -> list[int]:
         if len(groups) == 1:
@@ -134,9 +153,11 @@ def separable_deltas(
 
     def loss_fn(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
         subset = draw_subset(generator)
-        _, x_t, timesteps, _ = everything.draw(pipeline.scheduler, batch_size, generator, device)
+        x_t, timesteps, ingredients = draw_batch(generator)
         digits = [digit for g in subset for digit in groups[g]]
-        target = joint_negative_guidance(frozen, x_t, timesteps, digits, settings.null_alpha)
+        target = null_label_target(
+            *ingredients, digits, settings.null_alpha, settings.null_target, settings.null_sharpness
+        )
         labels = [label for g in subset for label in trained[g] if label != null] + [null]
         predicted = model(
             x_t.repeat(len(labels), 1, 1, 1),
@@ -171,28 +192,6 @@ def separable_deltas(
         recorded = hyperparameters | {"anchors": group_anchors}
         deltas.append(ConceptDelta.create(frozen, increments, group, "separable", recorded, base_model, metrics))
     return deltas
-
-
-@torch.no_grad()
-def joint_negative_guidance(
-    frozen: D3PMUNet, x_t: torch.Tensor, timesteps: torch.Tensor, digits: list[int], beta: float
-) -> torch.Tensor:
-    """Target logits ``(B, K, H, W)``: the frozen null label guided away from the *mixture* of ``digits``.
-
-        log p* = log p_∅ − β (log (1/|S|) Σ_{e∈S} p_e − log p_∅)        (`guide_away`, ``"mixture"``)
-
-    For one digit this is ESD's z_∅ − β (z_e − z_∅) up to a per-pixel constant. For a set, the sum of the digits'
-    guidance terms pushes |S| times and overshoots into other shapes the classifier reads as an erased digit
-    (``benchmarks/erasure_targets.py`` samples both targets at inference time).
-    """
-    labels = [frozen.null_label, *digits]
-    outputs = frozen(
-        x_t.repeat(len(labels), 1, 1, 1),
-        timesteps.repeat(len(labels)),
-        torch.tensor(labels, device=x_t.device).repeat_interleave(len(x_t)),
-    ).float()
-    log_probs = torch.stack(torch.log_softmax(outputs, dim=1).chunk(len(labels)))
-    return guide_away(log_probs[0], log_probs[0], log_probs[1:], beta, "mixture")
 
 
 def choose_anchors(
