@@ -4,15 +4,16 @@ Mapping the erased label e onto the null label (closed form) cannot push e's rat
 own rate of e (≈ 10%), and negative guidance of e alone (ESD, SepME) leaves the null label drawing e as before.
 This method edits both labels' keys and values in every ``attn2.to_k/to_v``, and nothing else:
 
-* **null label** — the frozen model's unconditional distribution with the erased digits S taken out of its class
-  mixture (`~d3pm_hub.erasure.posterior.null_label_target`)
+* **null label** — the frozen model's unconditional distribution negatively guided away from the erased digits S
 
-      p*(x0 | x_t) ∝ Σ_{c∉S} w_c(x_t)^γ p(x0 | x_t, c),   w_c(x_t) the class posterior of x_t,
+      p*(x0 | x_t) ∝ p_∅ · (p_∅ / p_S)^β,   p_S = (1/|S|) Σ_{e∈S} p_e         (β = ``null_alpha``)
 
-  optionally negatively guided away from S by (p_∅ / p_S)^β, is distilled into the null label's keys and values
-  (KL(p* ‖ p_θ(· | x_t, ∅)) on x_t from real digits of every class). Unlike negative guidance alone (β, the
-  previous default), which favours the digits least like S, the mixture keeps every other digit's share of the
-  unconditional samples;
+  is distilled into the null label's keys and values (KL(p* ‖ p_θ(· | x_t, ∅)) on x_t from real digits of every
+  class): the sampler's own "negative prompt", built into the weights. It favours the digits least like S (with 9
+  erased, most null samples are 2s). ``null_target="posterior"`` instead distils the unconditional class mixture
+  with S removed, Σ_{c∉S} w_c(x_t)^γ p_c (`~d3pm_hub.erasure.posterior.null_label_target`), which keeps every other
+  digit's share; sampled exactly it erases 9 completely, but distilled into the null label's keys and values it
+  leaves 0–8% of the erased digit (BENCHMARKS.md §3), so it is not the default;
 * **erased label** — mapped in closed form onto an anchor digit's keys and values (``anchor="auto"``, the
   default: the digit `~d3pm_hub.erasure.anchors.rank_anchors` finds least able to draw e), so label e draws
   clean digits of the anchor at the base model's confidence, as Concept Ablation anchors a concept. The ranked
