@@ -14,9 +14,9 @@ The first term (``base="posterior"``) is what a model trained without S would pr
 share of the unconditional samples. Fitting per-pixel marginals identifies the class only weakly (every label
 predicts much the same x0 once x_t is nearly clean), so w is flatter than the true posterior; the sharpness γ > 1
 concentrates it (sampled at inference time with 9 erased: 4% 9s at γ = 1, 2% at γ = 3, 0% at γ = 30;
-BENCHMARKS.md §3). The optional negative guidance term (β) pushes further from S, but favours the digits least like
-S: guiding away from 9 (β = 1) draws about half 2s and no 4s or 7s, from either base (``"unconditional"`` puts
-log p_∅ in place of the first term).
+BENCHMARKS.md §3). The optional negative guidance term (β) pushes further from S but favours the digits least like
+S: on top of the γ = 30 mixture, guiding away from 9 with β = 1 draws 29% 2s, 28% 0s and no 4s (``"unconditional"``
+puts log p_∅ in place of the first term, the shipped deltas' target).
 
 `TargetPool` computes the frozen predictions once for a fixed pool of noisy real digits, so a long joint training
 run (every step a different subset S) costs one forward pass per label per pooled image.
