@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/erasure_compose.py --method separable --matrix --samples 100 \
         --output benchmarks/results/erasure-separable-matrix.json
+    # or in n processes: --part i --parts n for i in 0..n-1, then erasure_report.py --matrix with every output
     OMP_NUM_THREADS=1 python benchmarks/erasure_compose.py --method separable --digit 9 \
         --strengths 0 0.25 0.5 0.75 1 --samples 100 --output benchmarks/results/erasure-separable-strength-9.json
 
@@ -53,16 +54,20 @@ def main() -> None:
     parser.add_argument("--matrix", action="store_true", help="all 45 pairs of digits")
     parser.add_argument("--strengths", type=float, nargs="*", default=[])
     parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--folder", help="holds digit-{d}.safetensors (default: pretrained/deltas/{method})")
+    parser.add_argument("--part", type=int, default=0, help="with --parts n: measure every n-th pair from this one")
+    parser.add_argument("--parts", type=int, default=1)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     pipeline, classifier = load_models()
-    folder = PRETRAINED / "deltas" / args.method
+    folder = Path(args.folder) if args.folder else PRETRAINED / "deltas" / args.method
     digits = range(10) if args.matrix else [args.digit]
     delta = {d: ConceptDelta.load(folder / f"digit-{d}.safetensors") for d in digits}
     a, n = args.digit, args.samples
     report = {"args": vars(args), "matrix": {}, "sweep": {}}
     output = Path(args.output)
-    for first, second in itertools.combinations(range(10) if args.matrix else [], 2):
+    pairs = list(itertools.combinations(range(10) if args.matrix else [], 2))
+    for first, second in pairs[args.part :: args.parts]:
         row = pair_row(pipeline, classifier, delta, first, second, n)
         report["matrix"][f"{first}+{second}"] = row
         output.write_text(json.dumps(report, indent=1))

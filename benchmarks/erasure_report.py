@@ -212,7 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--leaderboard", nargs="*", default=[], help="benchmarks/erasure.py outputs, merged")
     parser.add_argument("--digits", help="benchmarks/erasure_ship.py output")
-    parser.add_argument("--matrix", help="benchmarks/erasure_compose.py --matrix output")
+    parser.add_argument("--matrix", nargs="*", default=[], help="erasure_compose.py --matrix outputs (merged)")
     parser.add_argument("--strengths", help="benchmarks/erasure_compose.py --strengths output")
     parser.add_argument("--sweeps", nargs="*", default=[], help="benchmarks/erasure_sweep.py outputs")
     parser.add_argument("--targets", help="benchmarks/erasure_targets.py output")
@@ -227,7 +227,8 @@ def main() -> None:
     if singles:
         print(digits_table(singles), end="\n\n")
     if args.matrix:
-        print(matrix_tables(load(args.matrix), singles), end="\n\n")
+        cells = {key: row for path in args.matrix for key, row in load(path)["matrix"].items()}
+        print(matrix_tables({"matrix": cells}, singles), end="\n\n")
     if args.strengths:
         print(strength_table(load(args.strengths)), end="\n\n")
     for path in args.sweeps:

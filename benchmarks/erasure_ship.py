@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=2 python benchmarks/erasure_ship.py --method separable --jointly --samples 100 --other-samples 100
 
 For each digit d: the delta is made with ``SETTINGS[method]`` (``benchmarks/erasure.py``) — with ``--jointly``, all
-digits' deltas at once by the method's joint variant with ``JOINT_SETTINGS[method]`` — saved in fp16 to
+digits' deltas at once by the method's joint variant with ``JOINT_SETTINGS[method]``, then their pair terms with
+``PAIR_SETTINGS[method]`` — saved in fp16 to
 ``pretrained/deltas/{method}/digit-{d}.safetensors``, loaded back, and measured at the pipeline's default sampler
 settings: label d (``--samples``), the null label (``--samples``) and every other digit (``--other-samples`` each).
 The metrics (rate of d among label-d and null-label samples, confidence, what label d becomes, other digits'
@@ -21,7 +22,7 @@ import torch
 from erasure import NULL, SETTINGS, load_models, predictions, rate  # benchmarks/erasure.py
 
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
-from d3pm_hub.erasure import JOINT_METHODS, METHODS
+from d3pm_hub.erasure import JOINT_METHODS, METHODS, train_pair_interactions
 from d3pm_hub.paths import PRETRAINED
 from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
@@ -30,6 +31,9 @@ BASE = "pretrained/d3pm-mnist"
 JOINT_SETTINGS = {
     "separable": dict(SETTINGS["separable"], null_alpha=2.0, steps=3000, lr_schedule="cosine", subset_sizes=(1, 2))
 }
+# Then a pair term for each of the 45 pairs (`train_pair_interactions`): ~100 steps each.
+PAIR_SETTINGS = {"separable": dict(steps=4500)}
+TRAINING_METRICS = ("erase_seconds", "final_loss", "steps_run", "pair_kl")  # kept when a delta is re-measured
 
 
 def measure(pipeline, classifier, digit, parameters, samples, other_samples, seed=0) -> dict:
@@ -77,6 +81,7 @@ def main() -> None:
         }
     if args.jointly and not args.reuse:
         made = JOINT_METHODS[args.method](pipeline, args.digits, base_model=BASE, **JOINT_SETTINGS[args.method])
+        made, _ = train_pair_interactions(pipeline, made, **PAIR_SETTINGS[args.method])
         for delta in made:
             delta.save(folder / f"digit-{delta.concepts[0]}.safetensors")
     for digit in args.digits:
@@ -87,9 +92,7 @@ def main() -> None:
             delta.save(path)
         delta = ConceptDelta.load(path)
         delta.metadata["base_model"] = delta.metadata.get("base_model") or BASE
-        metrics = {
-            key: value for key, value in delta.metrics.items() if key in ("erase_seconds", "final_loss", "steps_run")
-        }
+        metrics = {key: value for key, value in delta.metrics.items() if key in TRAINING_METRICS}
         metrics.update(
             measure(
                 pipeline,

@@ -169,6 +169,8 @@ def delta_card(delta: ConceptDelta, path_in_repo: str = "", repo_id: str | None 
         path_in_repo=path_in_repo,
         num_parameters=delta.num_parameters(),
         num_tensors=len(delta.tensors),
+        partners=sorted(delta.interactions),
+        num_pair_values=sum(value.numel() for value in delta.interaction_tensors().values()),
     )
 
 

@@ -35,8 +35,9 @@ from safetensors.torch import save_file
 from .paths import atomic_write
 from .pipeline import D3PMPipeline
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pair interaction terms (``interaction/…`` tensors); version 1 files read as before
 REQUIRED_METADATA = ("format_version", "concepts", "method", "base_model_hash")
+INTERACTION_PREFIX = "interaction/"
 
 
 @dataclass
@@ -46,11 +47,16 @@ class ConceptDelta:
     Attributes:
         tensors: parameter name → increment Δ (same shape as the parameter).
         metadata: ``format_version``, ``concepts`` (JSON list of ints), ``method``, ``hyperparameters`` (JSON),
-            ``base_model_hash``, ``base_model`` (repo/revision or path), ``metrics`` (JSON), ``created`` (ISO time).
+            ``base_model_hash``, ``base_model`` (repo/revision or path), ``metrics`` (JSON), ``created`` (ISO time),
+            and with pair terms ``interactions`` (JSON: partner → content hash of the partner delta).
+        interactions: partner (its digits, ``"2"``) → parameter name → the change ``(out, n)`` of the null label's
+            n tokens' keys/values applied when this delta is composed with that partner
+            (`~d3pm_hub.erasure.interactions`); stored as ``interaction/{partner}/{name}`` tensors.
     """
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    interactions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -98,6 +104,14 @@ class ConceptDelta:
         """Number of stored increment values."""
         return sum(t.numel() for t in self.tensors.values())
 
+    def interaction_tensors(self) -> dict[str, torch.Tensor]:
+        """The pair terms as stored: ``interaction/{partner}/{name}`` → change ``(out, n)``."""
+        return {
+            f"{INTERACTION_PREFIX}{partner}/{name}": value
+            for partner, changes in self.interactions.items()
+            for name, value in changes.items()
+        }
+
     def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
         """Write a safetensors file atomically (a temp file in the same folder, then ``os.replace``).
 
@@ -105,6 +119,7 @@ class ConceptDelta:
         """
         self.validate()
         tensors = {name: value.to(dtype).contiguous() for name, value in self.tensors.items()}
+        tensors |= {key: value.to(dtype).contiguous() for key, value in self.interaction_tensors().items()}
         if not all(torch.isfinite(value).all() for value in tensors.values()):
             raise ValueError(f"Increments overflow {dtype}; save in float32.")
         return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=self.metadata))
@@ -121,14 +136,19 @@ class ConceptDelta:
         try:
             with safe_open(str(path), framework="pt") as file:
                 metadata = dict(file.metadata() or {})
-                tensors = {name: file.get_tensor(name).float() for name in file.keys()}  # noqa: SIM118
+                stored = {name: file.get_tensor(name).float() for name in file.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, RuntimeError) as error:
             if isinstance(error, FileNotFoundError):
                 raise
             raise ValueError(
                 f"{path} is not a valid safetensors delta file (truncated or corrupt?): {error}"
             ) from error
-        delta = cls(tensors=tensors, metadata=metadata)
+        tensors = {name: value for name, value in stored.items() if not name.startswith(INTERACTION_PREFIX)}
+        interactions: dict[str, dict[str, torch.Tensor]] = {}
+        for key in stored.keys() - tensors.keys():
+            partner, _, name = key.removeprefix(INTERACTION_PREFIX).partition("/")
+            interactions.setdefault(partner, {})[name] = stored[key]
+        delta = cls(tensors=tensors, metadata=metadata, interactions=interactions)
         delta.validate(source=str(path))
         return delta
 
@@ -150,9 +170,11 @@ class ConceptDelta:
             )
         if not self.tensors:
             raise ValueError(f"{source} holds no increments.")
-        for name, value in self.tensors.items():
+        for name, value in (self.tensors | self.interaction_tensors()).items():
             if not torch.isfinite(value).all():
                 raise ValueError(f"{source}: increment {name!r} has non-finite values (NaN or inf).")
+        if self.interactions and set(self.interactions) != set(json.loads(self.metadata.get("interactions", "{}"))):
+            raise ValueError(f"{source}: its pair terms and its metadata's 'interactions' name different partners.")
 
 
 DeltaSpec = ConceptDelta | tuple[ConceptDelta, float]
@@ -187,9 +209,11 @@ def _compose(
     """θ₀ + Σ sᵢ Δᵢ for the parameters the deltas touch, after checking each delta against the base.
 
     Deltas that anchor an erased label onto another digit (``separable``) get the closed-form correction of
-    `~d3pm_hub.erasure.anchors.anchor_corrections` when that digit is erased in the same composition.
+    `~d3pm_hub.erasure.anchors.anchor_corrections` when that digit is erased in the same composition, and pairs of
+    deltas with pair terms for each other get s_a s_b Δ_ab (`~d3pm_hub.erasure.interactions`).
     """
     from .erasure.anchors import anchor_corrections  # erasure builds on this module: import at call time
+    from .erasure.interactions import interaction_corrections
 
     pairs = _normalise(deltas)
     composed: dict[str, torch.Tensor] = {}
@@ -212,6 +236,8 @@ def _compose(
                 )
             current = composed.get(name, base)
             composed[name] = current + strength * increment.to(device=base.device, dtype=base.dtype)
+    for name, increment in interaction_corrections(base_parameters, pairs).items():
+        composed[name] = composed.get(name, base_parameters[name]) + increment.to(base_parameters[name].device)
     corrections = anchor_corrections(base_parameters, composed, pairs)
     return {
         name: value + corrections[name].to(value.device) if name in corrections else value

@@ -386,7 +386,8 @@ def export_lora(delta: ConceptDelta, unet: nn.Module, folder: str | Path, tolera
 
     Each module gets its own rank (``rank_pattern``) and ``lora_alpha`` = rank (``alpha_pattern``), so PEFT's
     scaling α/r is 1 and the adapter adds exactly B A ≈ Δ: ``PeftModel.from_pretrained(unet, folder)`` (or
-    ``peft.inject_adapter_in_model`` + ``set_peft_model_state_dict``) reproduces the erased model.
+    ``peft.inject_adapter_in_model`` + ``set_peft_model_state_dict``) reproduces the erased model. A delta's pair
+    terms (`ConceptDelta.interactions`) act only when it is composed with a partner, so the adapter leaves them out.
 
     Raises:
         NotLowRankError: if any increment cannot be expressed (see `lora_factors`); nothing is written then.

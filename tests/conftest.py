@@ -1,6 +1,9 @@
 """Shared fixtures: tiny components, offline Hub, CPU only."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -10,6 +13,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from d3pm_hub import D3PMPipeline, D3PMScheduler, D3PMUNet  # noqa: E402
+from d3pm_hub.erasure.common import logit_divergence  # noqa: E402
+from d3pm_hub.erasure.posterior import TargetPool, null_label_target  # noqa: E402
+from d3pm_hub.training import TrainConfig, train  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Tiny models run fastest on one thread, and multi-threaded small ops slow to a crawl on a busy 2-core machine.
 torch.set_num_threads(1)
@@ -34,3 +42,47 @@ def tiny_pipeline(num_levels: int = 8, transition_type: str = "uniform", seed: i
 @pytest.fixture
 def pipeline() -> D3PMPipeline:
     return tiny_pipeline()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> D3PMPipeline:
+    """A tiny class-conditional D3PM (K = 8, T = 50, D = 32) trained for a few seconds on MNIST."""
+    output = tmp_path_factory.mktemp("tiny-trained")
+    config = TrainConfig(
+        output_dir=str(output),
+        num_levels=8,
+        num_train_timesteps=50,
+        batch_size=16,
+        max_steps=150,
+        loss_type="ce",
+        learning_rate=3e-3,
+        lr_warmup_steps=0,
+        ema_decay=0.9,
+        checkpointing_steps=0,
+        save_dtype="float32",
+        **{**TINY_UNET, "cross_attention_dim": 32},
+    )
+    train(config)
+    pipeline = D3PMPipeline.from_pretrained(output / "pipeline")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def null_target_mismatch(pipeline, parameters, digits, **target) -> float:
+    """KL(p* ‖ edited null label) in nats per pixel on noised real digits; p* the ``null_label_target`` of
+    ``digits`` (by default guidance away from them, β = 1)."""
+    pool = TargetPool.build(pipeline.unet, pipeline.scheduler, 64, torch.Generator().manual_seed(1), torch.float32)
+    target = null_label_target(pool.log_null, pool.log_labels, pool.posterior, digits, **{"beta": 1.0} | target)
+    null = torch.func.functional_call(pipeline.unet, parameters, (pool.x_t, pool.timesteps, torch.full((64,), 10)))
+    return logit_divergence(null, target, "kl").item()
+
+
+def run_erase_script(trained, tmp_path, launcher: list[str], *arguments: str) -> None:
+    """``training/erase.py`` (under ``launcher``, e.g. ``accelerate launch``) on the fixture model → tmp/deltas."""
+    trained.save_pretrained(tmp_path / "base")
+    prefix = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:]] if launcher else [sys.executable]
+    command = [*prefix, str(REPO / "training" / "erase.py"), *arguments]
+    command += ["--model", str(tmp_path / "base"), "--output-dir", str(tmp_path / "deltas")]
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent)}
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)

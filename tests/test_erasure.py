@@ -10,7 +10,6 @@ is guided away from d). The benchmark measures the real rates on the shipped mod
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,38 +29,12 @@ from d3pm_hub.erasure import (
     erase_sepme,
 )
 from d3pm_hub.erasure.anchors import anchors_of, context_token_table, rank_anchors
-from d3pm_hub.erasure.common import DigitSampler, guide_away, logit_divergence, optimise_increment, select_parameters
-from d3pm_hub.erasure.posterior import TargetPool, class_posterior, null_label_target
-from d3pm_hub.training import TrainConfig, train
+from d3pm_hub.erasure.common import DigitSampler, guide_away, optimise_increment, select_parameters
+from d3pm_hub.erasure.posterior import class_posterior, null_label_target
 
-from .conftest import TINY_UNET, tiny_pipeline
+from .conftest import REPO, null_target_mismatch, run_erase_script, tiny_pipeline
 
-REPO = Path(__file__).resolve().parent.parent
 FAST_GRADIENT = dict(steps=20, learning_rate=1e-2, batch_size=8)
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> D3PMPipeline:
-    """A tiny class-conditional D3PM (K = 8, T = 50, D = 32) trained for a few seconds on MNIST."""
-    output = tmp_path_factory.mktemp("tiny-trained")
-    config = TrainConfig(
-        output_dir=str(output),
-        num_levels=8,
-        num_train_timesteps=50,
-        batch_size=16,
-        max_steps=150,
-        loss_type="ce",
-        learning_rate=3e-3,
-        lr_warmup_steps=0,
-        ema_decay=0.9,
-        checkpointing_steps=0,
-        save_dtype="float32",
-        **{**TINY_UNET, "cross_attention_dim": 32},
-    )
-    train(config)
-    pipeline = D3PMPipeline.from_pretrained(output / "pipeline")
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @torch.no_grad()
@@ -219,16 +192,6 @@ def test_every_weight_editing_family_runs_from_the_erase_script(trained, tmp_pat
     delta = ConceptDelta.load(tmp_path / "deltas" / "digit-9.safetensors")
     assert delta.method == method and delta.concepts == [9] and delta.hyperparameters["steps"] == 2
     assert delta.metadata["base_model"] == "base"  # the folder's name, not this machine's absolute path
-
-
-def run_erase_script(trained, tmp_path, launcher: list[str], *arguments: str) -> None:
-    """``training/erase.py`` (under ``launcher``, e.g. ``accelerate launch``) on the fixture model → tmp/deltas."""
-    trained.save_pretrained(tmp_path / "base")
-    prefix = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:]] if launcher else [sys.executable]
-    command = [*prefix, str(REPO / "training" / "erase.py"), *arguments]
-    command += ["--model", str(tmp_path / "base"), "--output-dir", str(tmp_path / "deltas")]
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent)}
-    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
 
 
 @pytest.mark.parametrize("launcher", [[], ["accelerate", "launch", "--cpu", "--num_processes", "1"]])
@@ -415,16 +378,6 @@ def test_separable_posterior_target_moves_the_null_label_to_the_mixture_without_
 @pytest.fixture(scope="module")
 def joint_deltas(trained) -> list[ConceptDelta]:
     return erase_separable_jointly(trained, [4, 7, 9], steps=90, null_alpha=1.0, learning_rate=1e-2, batch_size=8)
-
-
-@torch.no_grad()
-def null_target_mismatch(pipeline, parameters, digits, **target) -> float:
-    """KL(p* ‖ edited null label) in nats per pixel on noised real digits; p* the ``null_label_target`` of
-    ``digits`` (by default guidance away from them, β = 1)."""
-    pool = TargetPool.build(pipeline.unet, pipeline.scheduler, 64, torch.Generator().manual_seed(1), torch.float32)
-    target = null_label_target(pool.log_null, pool.log_labels, pool.posterior, digits, **{"beta": 1.0} | target)
-    null = torch.func.functional_call(pipeline.unet, parameters, (pool.x_t, pool.timesteps, torch.full((64,), 10)))
-    return logit_divergence(null, target, "kl").item()
 
 
 def test_jointly_trained_deltas_compose_in_the_null_label(trained, joint_deltas):

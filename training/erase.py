@@ -4,6 +4,8 @@
     python training/erase.py --method closed-form --digits 0 1 2 3 4 5 6 7 8 9 --each \
         --output-dir pretrained/deltas/closed-form
     accelerate launch training/erase.py --method sepme --digits 9
+    python training/erase.py --method separable --digits 0 1 2 3 4 5 6 7 8 9 \
+        --pair-terms pretrained/deltas/separable --output-dir pretrained/deltas/separable --set steps=4500
 
 Methods are `d3pm_hub.erasure.METHODS`; ``--set KEY=VALUE`` passes their hyper-parameters. The logic lives in
 the library.

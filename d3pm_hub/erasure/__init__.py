@@ -25,6 +25,7 @@ from .attack import AttackResult, attacked_parameters, concept_inversion_attack
 from .closed_form import erase_closed_form
 from .esd import erase_esd
 from .inference import INFERENCE_METHODS, InferenceTimeErasurePipeline
+from .interactions import train_pair_interactions
 from .naive import erase_naive
 from .separable import erase_separable, erase_separable_jointly
 from .sepme import decoupling_projector, erase_sepme
@@ -62,6 +63,7 @@ __all__ = [
     "erase_separable",
     "erase_separable_jointly",
     "run_erase",
+    "train_pair_interactions",
 ]
 
 
@@ -88,6 +90,12 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
         "--jointly",
         action="store_true",
         help=f"one delta per digit, trained together so that they compose (methods: {', '.join(JOINT_METHODS)})",
+    )
+    parser.add_argument(
+        "--pair-terms",
+        metavar="FOLDER",
+        help="fit pair interaction terms for FOLDER's jointly trained deltas digit-{d}.safetensors (--digits) and "
+        "write the deltas with their terms to --output-dir; --set takes PairSettings fields (method: separable)",
     )
     parser.add_argument("--model", default=str(DEFAULT_PIPELINE), help="base pipeline folder or Hub repo id")
     parser.add_argument("--output-dir", default="outputs/deltas", help="writes {output_dir}/digit-{d}.safetensors")
@@ -116,7 +124,13 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
     if args.jointly and args.method not in JOINT_METHODS:
         raise ValueError(f"--jointly needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
     groups = [[digit] for digit in args.digits] if args.each else [args.digits]
-    if args.method in INFERENCE_METHODS:
+    if args.pair_terms:
+        if args.method not in JOINT_METHODS:
+            raise ValueError(f"--pair-terms needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
+        singles = [ConceptDelta.load(Path(args.pair_terms) / f"digit-{digit}.safetensors") for digit in args.digits]
+        erasures, kl = train_pair_interactions(pipeline, singles, **hyperparameters)
+        logger.info("Held-out KL of each pair's null label to its target, [before, after]: %s", kl)
+    elif args.method in INFERENCE_METHODS:
         settings = {"negative_scale": INFERENCE_METHODS[args.method]} | hyperparameters
         erasures = [InferenceTimeErasurePipeline.wrap(pipeline, digits, **settings) for digits in groups]
     elif args.jointly:

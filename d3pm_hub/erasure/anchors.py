@@ -64,6 +64,17 @@ def context_token_table(parameters: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return table, torch.cat([table.reshape(-1, shared.shape[1]), shared])
 
 
+def context_token_rows(parameters: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-label tokens and their dual rows R ``(L, n, D)`` (float64): rows of (Cᵀ)⁺, so R_lk · c_j = δ.
+
+    ΔW = M R_l ``(out, D)`` changes the keys/values W c of label l's n tokens by the columns of M ``(out, n)``
+    and leaves every other context token's unchanged.
+    """
+    table, tokens = context_token_table(parameters)
+    rows = torch.linalg.pinv(tokens.T)[: table.shape[0] * table.shape[1]]
+    return table, rows.reshape(table.shape)
+
+
 def anchors_of(hyperparameters: dict) -> dict[int, list[int]]:
     """The ranked anchors a delta recorded per erased digit (``{}`` for deltas without anchors)."""
     return {int(digit): ranked for digit, ranked in (hyperparameters.get("anchors") or {}).items()}
@@ -86,21 +97,18 @@ def anchor_corrections(
     """
     erased = {digit for delta, strength in deltas if strength for digit in delta.concepts}
     corrections: dict[str, torch.Tensor] = {}
-    table, tokens = None, None
+    table, rows = None, None
     for delta, strength in deltas:
         for digit, ranked in anchors_of(delta.hyperparameters).items():
             if not strength or ranked[0] not in erased:
                 continue
             if table is None:
-                table, tokens = context_token_table(base_parameters)
-                token_inverse = torch.linalg.pinv(tokens.T)  # (N, D): rows r_k with r_k · c_j = δ_kj
+                table, rows = context_token_rows(base_parameters)
             target = next((anchor for anchor in ranked if anchor not in erased), len(table) - 1)
-            width = table.shape[1]
-            rows = token_inverse[digit * width : (digit + 1) * width]  # (n, D)
             for name in delta.tensors:
                 base = base_parameters[name].double()
                 source = composed.get(name, base_parameters[name]).double() if target == len(table) - 1 else base
                 change = source @ table[target].T - base @ table[ranked[0]].T  # (out, n) on label e's tokens
-                increment = (strength * change @ rows).to(base_parameters[name].dtype)
+                increment = (strength * change @ rows[digit]).to(base_parameters[name].dtype)
                 corrections[name] = corrections.get(name, 0) + increment
     return corrections

@@ -202,8 +202,9 @@ class OptimisationResult:
 class ConceptIncrements(torch.nn.Module):
     """Trainable increments Δ_g of chosen parameters, one set per group g, on top of a frozen UNet θ₀.
 
-    ``forward(x_t, timesteps, labels, groups=None, **kwargs)`` runs the UNet with θ₀ + Σ_{g ∈ groups} Δ_g
-    (every group when ``groups`` is None), so increments can be trained to work alone and summed.
+    ``forward(x_t, timesteps, labels, groups=None, offsets=None, **kwargs)`` runs the UNet with
+    θ₀ + offsets + Σ_{g ∈ groups} Δ_g (every group when ``groups`` is None; ``offsets``: fixed increments by
+    parameter name, e.g. deltas the trained ones build on), so increments can be trained to work alone and summed.
     """
 
     def __init__(self, unet: D3PMUNet, names: list[str], num_groups: int = 1):
@@ -215,10 +216,19 @@ class ConceptIncrements(torch.nn.Module):
             for _ in range(num_groups)
         )
 
-    def forward(self, x_t, timesteps, labels, groups: list[int] | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        x_t,
+        timesteps,
+        labels,
+        groups: list[int] | None = None,
+        offsets: dict[str, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         groups = range(len(self.increments)) if groups is None else groups
+        offsets = offsets or {}
         parameters = {
-            name: self.unet.get_parameter(name) + sum(self.increments[g][i] for g in groups)
+            name: self.unet.get_parameter(name) + offsets.get(name, 0) + sum(self.increments[g][i] for g in groups)
             for i, name in enumerate(self.names)
         }
         return torch.func.functional_call(self.unet, parameters, (x_t, timesteps, labels), kwargs)

@@ -28,6 +28,8 @@ add in key/value space, which is not by itself the sum of the negative guidance 
 them). `erase_separable_jointly` therefore trains one null edit Δ_e per digit *together*: each step draws a subset
 S of the digits and fits θ₀ + Σ_{e∈S} Δ_e to S's target p*, so that every
 single delta and every sum of up to ``max(subset_sizes)`` of them erases what it should from the null label.
+What the sums still miss for pairs, `~d3pm_hub.erasure.interactions.train_pair_interactions` then fits as one
+second-order term per pair, applied only when both deltas are composed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,251 @@
+"""Pair interaction terms: the second-order part of composing jointly trained null-label edits.
+
+The null label's edits Δ_e of `~.separable.erase_separable_jointly` add in key/value space, but the network is
+nonlinear in them, so Δ_a + Δ_b misses the pair's target p*_{ab} by a distillation error the single deltas do not
+show: with the shipped deltas 11 of 45 pairs let a digit back among null-label samples (BENCHMARKS.md §4). An edit
+as a function of the erased set S expands as
+
+    Δ(S) = Σ_{a∈S} Δ_a + Σ_{a<b ∈ S} Δ_ab + …
+
+(its Möbius expansion). The jointly trained deltas are the first-order terms; this module fits and applies the
+second-order ones:
+
+* `train_pair_interactions` — with the singles frozen, one increment Δ_ab per pair, on the null label's keys and
+  values only (projected as the singles are, so no other label moves), fitted to the pair's null-label target:
+  KL(p*_{ab} ‖ p_{θ₀+Δa+Δb+Δab}(· | x_t, ∅)) on x_t from real digits of every class;
+* storage — Δ_ab changes nothing but the null label's n tokens' keys/values, so each file stores those changes
+  M_ab ``(out, n)`` per edited ``attn2.to_k/to_v`` (a few KB per partner; ΔW = M_ab R_∅ with R_∅ the null
+  tokens' dual rows, `~.anchors.context_token_rows`) under ``interaction/{partner}/{parameter}``, in both partners'
+  files, with the content hash of the partner delta it was fitted against (``metadata["interactions"]``);
+* composition — `interaction_corrections` adds s_a s_b Δ_ab for every pair of composed deltas that name each
+  other with matching hashes. The term is bilinear in the strengths: dropping either delta removes it, so removal
+  stays exact and restoring a digit leaves the other's single delta.
+
+Triples and larger sets get every pair term among them (the expansion truncated at second order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..deltas import FORMAT_VERSION, ConceptDelta
+from ..pipeline import D3PMPipeline
+from .anchors import context_token_rows
+from .common import ConceptIncrements, frozen_copy, logit_divergence, optimise_increment, select_parameters
+from .posterior import TargetPool, null_label_target
+from .sepme import decoupling_projector
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """Hyper-parameters of `train_pair_interactions` (stored in every delta's ``hyperparameters["pair_terms"]``).
+
+    Attributes:
+        steps: Adam steps in all; each trains one random pair's term (about ``steps / pairs`` per pair).
+        learning_rate, batch_size, lr_schedule: as in `~.separable.SeparableSettings`.
+        pool_size: noisy real digits whose frozen predictions are computed once (`TargetPool`).
+        eval_size: held-out noisy digits on which each pair's KL before and after is reported.
+        seed: seed of the pools, pairs and batches.
+    """
+
+    steps: int = 2700
+    learning_rate: float = 3e-3
+    batch_size: int = 16
+    lr_schedule: str = "cosine"
+    pool_size: int = 4096
+    eval_size: int = 128
+    seed: int = 0
+
+
+def partner_key(delta: ConceptDelta) -> str:
+    """How a delta is named as a partner: its erased digits joined by '-' (``"2"``, ``"2-6"``)."""
+    return "-".join(map(str, delta.concepts))
+
+
+def increment_hash(delta: ConceptDelta) -> str:
+    """sha256 of a delta's increments rounded to float16 (identical for its float16 and float32 files)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(delta.tensors.items()):
+        digest.update(name.encode())
+        digest.update(value.detach().half().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def interaction_partners(delta: ConceptDelta) -> dict[str, str]:
+    """Partner key → content hash of the partner delta each stored pair term was fitted against."""
+    return json.loads(delta.metadata.get("interactions", "{}"))
+
+
+def interaction_corrections(
+    base_parameters: dict[str, torch.Tensor], deltas: list[tuple[ConceptDelta, float]]
+) -> dict[str, torch.Tensor]:
+    """Σ_{pairs} s_a s_b Δ_ab for the composed deltas whose pair terms name each other (module docstring).
+
+    A term stored in both partners' files is applied once (their mean; they are equal when written together).
+
+    Raises:
+        ValueError: a pair term for a parameter the model lacks or with a shape other than ``(out, n)``.
+
+    Returns: name → increment to add to θ₀ + Σ sᵢ Δᵢ (empty when no pair of deltas interacts).
+    """
+    if not any(delta.interactions for delta, _ in deltas):
+        return {}
+    hashes = {id(delta): increment_hash(delta) for delta, _ in deltas}
+    corrections: dict[str, torch.Tensor] = {}
+    rows = None
+    for (first, s_first), (second, s_second) in itertools.combinations(deltas, 2):
+        terms = [
+            delta.interactions[partner_key(partner)]
+            for delta, partner in ((first, second), (second, first))
+            if partner_key(partner) in delta.interactions
+            and interaction_partners(delta).get(partner_key(partner)) == hashes[id(partner)]
+        ]
+        if not terms or not s_first * s_second:
+            continue
+        if rows is None:
+            rows = context_token_rows(base_parameters)[1][-1]  # (n, D): the null label's dual rows
+        for name in sorted(set().union(*terms)):
+            changes = [term[name] for term in terms if name in term]
+            for change in changes:
+                check_term(base_parameters, name, change, rows.shape[0])
+            change = torch.stack(changes).double().mean(0)
+            increment = (s_first * s_second * change @ rows).to(base_parameters[name].dtype)
+            corrections[name] = corrections.get(name, 0) + increment
+    return corrections
+
+
+def check_term(base_parameters: dict[str, torch.Tensor], name: str, change: torch.Tensor, tokens: int) -> None:
+    """A pair term must change an existing weight's outputs on the null label's ``tokens`` tokens."""
+    if name not in base_parameters:
+        raise ValueError(f"A pair interaction term edits {name!r}, which this model does not have.")
+    expected = (base_parameters[name].shape[0], tokens)
+    if tuple(change.shape) != expected:
+        raise ValueError(f"A pair interaction term for {name!r} has shape {tuple(change.shape)}, expected {expected}.")
+
+
+def train_pair_interactions(
+    pipeline: D3PMPipeline, deltas: list[ConceptDelta], **settings
+) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
+    """Fit a pair term for every pair of ``deltas`` (jointly trained `separable` singles) and store it in both.
+
+    Args:
+        pipeline: the base pipeline the deltas were made for (not modified).
+        deltas: single-digit `separable` deltas with the same null-label target settings.
+        settings: `PairSettings` fields.
+
+    Returns: copies of the deltas with their pair terms, and the held-out KL of each pair's null label to its
+    target before and after (``{"a+b": [before, after]}``; also stored in each delta's metrics).
+    """
+    settings = PairSettings(**settings)
+    target_settings = null_target_settings(deltas)
+    frozen = frozen_copy(pipeline)
+    device, null = frozen.device, frozen.null_label
+    parameters = dict(frozen.named_parameters())
+    names = select_parameters(frozen, "context")
+    singles = [{name: delta.tensors[name].to(device) for name in names if name in delta.tensors} for delta in deltas]
+    pairs = list(itertools.combinations(range(len(deltas)), 2))
+    projector = decoupling_projector(frozen, [null]).to(device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    needs_posterior = target_settings["base"] == "posterior"
+    pool = TargetPool.build(frozen, pipeline.scheduler, settings.pool_size, generator, posterior=needs_posterior)
+    held_out = TargetPool.build(frozen, pipeline.scheduler, settings.eval_size, generator, posterior=needs_posterior)
+
+    def offsets(pair: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return {name: sum(singles[i].get(name, 0) for i in pair) for name in names}
+
+    def pair_loss(model, pair_index: int, batch, groups: list[int]) -> torch.Tensor:
+        x_t, timesteps, ingredients = batch
+        pair = pairs[pair_index]
+        digits = [digit for i in pair for digit in deltas[i].concepts]
+        target = null_label_target(*ingredients, digits, **target_settings)
+        labels = torch.full_like(timesteps, null)
+        predicted = model(x_t, timesteps, labels, groups=groups, offsets=offsets(pair))
+        return logit_divergence(predicted, target, "kl")
+
+    def loss_fn(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        pair_index = int(torch.randint(len(pairs), (), generator=generator))
+        loss = pair_loss(model, pair_index, pool.draw(settings.batch_size, generator, device), [pair_index])
+        return {"loss": loss, "concept": loss}
+
+    result = optimise_increment(
+        frozen,
+        names,
+        loss_fn,
+        settings.steps,
+        settings.learning_rate,
+        project=lambda group, name, increment: (increment.double() @ projector).to(increment.dtype),
+        num_groups=len(pairs),
+        seed=settings.seed,
+        lr_schedule=settings.lr_schedule,
+    )
+    kl = held_out_kl(frozen, names, result.increments, pairs, pair_loss, held_out.select(slice(None), device))
+    null_tokens = context_token_rows(parameters)[0][-1]  # (n, D)
+    terms: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in deltas]
+    for (i, j), increments in zip(pairs, result.increments, strict=True):
+        changes = {name: (value.double() @ null_tokens.T.cpu()).float() for name, value in increments.items()}
+        terms[i][partner_key(deltas[j])] = terms[j][partner_key(deltas[i])] = changes
+    keys = {f"{'+'.join(partner_key(deltas[i]) for i in pair)}": value for pair, value in zip(pairs, kl, strict=True)}
+    recorded = dataclasses.asdict(settings) | {"seconds": round(result.seconds, 2)}
+    return [with_terms(delta, terms[i], deltas, recorded, keys) for i, delta in enumerate(deltas)], keys
+
+
+def null_target_settings(deltas: list[ConceptDelta]) -> dict:
+    """The null-label target the singles were trained to (`null_label_target` keywords); they must agree."""
+    found = {
+        json.dumps(
+            {
+                "beta": delta.hyperparameters.get("null_alpha", 0.0),
+                "base": delta.hyperparameters.get("null_target", "unconditional"),
+                "sharpness": delta.hyperparameters.get("null_sharpness", 1.0),
+            },
+            sort_keys=True,
+        )
+        for delta in deltas
+    }
+    if len(deltas) < 2 or any(delta.method != "separable" or len(delta.concepts) != 1 for delta in deltas):
+        raise ValueError("Pair terms need two or more single-digit 'separable' deltas (trained with --jointly).")
+    if len(found) != 1:
+        raise ValueError(f"The deltas were trained to different null-label targets ({sorted(found)}): retrain jointly.")
+    return json.loads(found.pop())
+
+
+@torch.no_grad()
+def held_out_kl(frozen, names, increments, pairs, pair_loss, batch) -> list[list[float]]:
+    """Each pair's held-out KL without and with its term: ``[[before, after], ...]``."""
+    model = ConceptIncrements(frozen, names, len(pairs))
+    for group, trained in zip(model.increments, increments, strict=True):
+        for parameter, name in zip(group, names, strict=True):
+            parameter.copy_(trained[name])
+    return [
+        [round(pair_loss(model, index, batch, groups).item(), 5) for groups in ([], [index])]
+        for index in range(len(pairs))
+    ]
+
+
+def with_terms(
+    delta: ConceptDelta,
+    terms: dict[str, dict[str, torch.Tensor]],
+    deltas: list[ConceptDelta],
+    recorded: dict,
+    kl: dict[str, list[float]],
+) -> ConceptDelta:
+    """A copy of ``delta`` carrying its pair terms, its partners' hashes, the settings and its pairs' KL."""
+    partners = {partner_key(other): increment_hash(other) for other in deltas if other is not delta}
+    own = partner_key(delta)
+    metrics = delta.metrics | {"pair_kl": {key: value for key, value in kl.items() if own in key.split("+")}}
+    metadata = delta.metadata | {
+        "format_version": str(FORMAT_VERSION),
+        "interactions": json.dumps(partners, sort_keys=True),
+        "hyperparameters": json.dumps(delta.hyperparameters | {"pair_terms": recorded}, sort_keys=True, default=str),
+        "metrics": json.dumps(metrics, sort_keys=True),
+    }
+    return ConceptDelta(tensors=dict(delta.tensors), metadata=metadata, interactions=terms)

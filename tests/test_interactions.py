@@ -1,0 +1,134 @@
+"""Pair interaction terms: fitted per pair, stored in both partners' files, applied only to their pair's null label."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from d3pm_hub.cards import delta_card
+from d3pm_hub.deltas import FORMAT_VERSION, ConceptDelta, compose_parameters
+from d3pm_hub.erasure import erase_separable_jointly, train_pair_interactions
+from d3pm_hub.erasure.anchors import context_token_table
+
+from .conftest import null_target_mismatch, run_erase_script
+
+PAIR_SETTINGS = dict(steps=90, learning_rate=1e-2, batch_size=8, pool_size=128, eval_size=32)
+
+
+@pytest.fixture(scope="module")
+def singles(trained) -> list[ConceptDelta]:
+    return erase_separable_jointly(trained, [4, 7, 9], steps=60, null_alpha=1.0, learning_rate=1e-2, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def paired(trained, singles) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
+    return train_pair_interactions(trained, singles, **PAIR_SETTINGS)
+
+
+def compose(pipeline, deltas) -> dict[str, torch.Tensor]:
+    return compose_parameters(pipeline.unet, deltas)
+
+
+def test_pair_terms_bring_every_pair_closer_to_its_target(trained, singles, paired):
+    deltas, kl = paired
+    assert set(kl) == {"4+7", "4+9", "7+9"} and all(after < before for before, after in kl.values())
+    assert deltas[0].metrics["pair_kl"] == {"4+7": kl["4+7"], "4+9": kl["4+9"]}
+    for i, j in ((0, 1), (0, 2), (1, 2)):  # on a pool of its own, not the one the terms were fitted on
+        digits = deltas[i].concepts + deltas[j].concepts
+        without = null_target_mismatch(trained, compose(trained, [singles[i], singles[j]]), digits)
+        assert null_target_mismatch(trained, compose(trained, [deltas[i], deltas[j]]), digits) < without
+
+
+def test_pair_terms_change_only_their_pairs_null_label_tokens(trained, singles, paired):
+    deltas, _ = paired
+    for old, new in zip(singles, deltas, strict=True):  # a delta alone is its single
+        assert all(torch.equal(compose(trained, [new])[n], value) for n, value in compose(trained, [old]).items())
+    with_term, without = compose(trained, deltas[:2]), compose(trained, singles[:2])
+    _, tokens = context_token_table(dict(trained.unet.named_parameters()))
+    n = trained.unet.config.num_label_tokens
+    null = slice(trained.unet.null_label * n, (trained.unet.null_label + 1) * n)
+    moved = 0.0
+    for name, value in with_term.items():
+        change = (value - without[name]).double() @ tokens.T  # (out, tokens): how each token's keys/values move
+        assert change[:, : null.start].abs().max() < 1e-6 and change[:, null.stop :].abs().max() < 1e-6
+        moved = max(moved, change[:, null].abs().max().item())
+    assert moved > 1e-3
+
+
+def test_pair_terms_scale_with_both_strengths_and_vanish_when_either_is_dropped(trained, singles, paired):
+    deltas, _ = paired
+    term = {n: v - compose(trained, singles[:2])[n] for n, v in compose(trained, deltas[:2]).items()}
+    half = compose(trained, [(deltas[0], 0.5), (deltas[1], 0.4)])
+    expected = compose(trained, [(singles[0], 0.5), (singles[1], 0.4)])
+    for name, value in half.items():
+        torch.testing.assert_close(value, expected[name] + 0.2 * term[name], atol=1e-6, rtol=1e-5)
+    dropped = compose(trained, [deltas[0], (deltas[1], 0.0)])
+    assert all(torch.equal(value, compose(trained, [singles[0]])[name]) for name, value in dropped.items())
+
+
+def test_a_retrained_partner_gets_no_stale_term(trained, singles, paired):
+    deltas, _ = paired
+    retrained = copy.deepcopy(singles[1])  # digit 7 retrained alone: 4's term for 7 no longer fits
+    retrained.tensors = {name: 1.01 * value for name, value in retrained.tensors.items()}
+    stale = compose(trained, [deltas[0], retrained])
+    expected = compose(trained, [singles[0], retrained])
+    assert all(torch.equal(value, expected[name]) for name, value in stale.items())
+
+
+def test_pair_terms_round_trip_through_files(trained, paired, tmp_path):
+    deltas, _ = paired
+    for delta in deltas:
+        delta.save(tmp_path / f"digit-{delta.concepts[0]}.safetensors")
+    loaded = [ConceptDelta.load(tmp_path / f"digit-{digit}.safetensors") for digit in (4, 7, 9)]
+    assert loaded[0].metadata["format_version"] == str(FORMAT_VERSION) == "2"
+    assert set(loaded[0].interactions) == set(json.loads(loaded[0].metadata["interactions"])) == {"7", "9"}
+    for name, change in deltas[0].interactions["9"].items():
+        assert change.shape == (trained.unet.get_parameter(name).shape[0], trained.unet.config.num_label_tokens)
+        torch.testing.assert_close(loaded[0].interactions["9"][name], change, atol=1e-3, rtol=1e-3)
+    # the float16 files still recognise each other as partners (hashes of float16-rounded increments)
+    in_memory, from_files = compose(trained, deltas[:2]), compose(trained, loaded[:2])
+    for name, value in from_files.items():
+        torch.testing.assert_close(value, in_memory[name], atol=2e-3, rtol=1e-3)
+
+
+def test_bad_pair_terms_are_refused(trained, paired, tmp_path):
+    deltas, _ = paired
+    wrong_shape = copy.deepcopy(deltas[0])
+    name = next(iter(wrong_shape.interactions["7"]))
+    wrong_shape.interactions["7"][name] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"has shape \(3, 3\), expected"):
+        compose(trained, [wrong_shape, deltas[1]])
+    not_finite = copy.deepcopy(deltas[0])
+    not_finite.interactions["7"][name][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        not_finite.save(tmp_path / "nan.safetensors")
+    unlisted = copy.deepcopy(deltas[0])
+    unlisted.metadata["interactions"] = "{}"
+    with pytest.raises(ValueError, match="name different partners"):
+        unlisted.validate()
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_pair_training_refuses_deltas_it_cannot_pair(trained, singles):
+    with pytest.raises(ValueError, match="two or more single-digit 'separable' deltas"):
+        train_pair_interactions(trained, singles[:1], steps=1)
+    other_target = copy.deepcopy(singles[1])
+    other_target.metadata["hyperparameters"] = json.dumps(other_target.hyperparameters | {"null_alpha": 3.0})
+    with pytest.raises(ValueError, match="different null-label targets"):
+        train_pair_interactions(trained, [singles[0], other_target], steps=1)
+
+
+def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singles, tmp_path):
+    for delta in singles:
+        delta.save(tmp_path / "joint" / f"digit-{delta.concepts[0]}.safetensors")
+    settings = ["steps=3", "pool_size=16", "eval_size=8", "batch_size=4"]
+    arguments = ["--digits", "4", "7", "9", "--pair-terms", str(tmp_path / "joint"), "--set", *settings]
+    run_erase_script(trained, tmp_path, [], "--method", "separable", *arguments)
+    written = ConceptDelta.load(tmp_path / "deltas" / "digit-7.safetensors")
+    assert set(written.interactions) == {"4", "9"} and written.hyperparameters["pair_terms"]["steps"] == 3
+
+
+def test_the_card_names_the_pair_partners(paired):
+    card = str(delta_card(paired[0][2], "deltas/separable/digit-9.safetensors"))
+    assert "It carries pair terms for the deltas of digits 4, 7" in card and "pair_kl.4+9" in card
