@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,7 @@ class D3PMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         unet_parameters: dict[str, torch.Tensor] | None = None,
         temperature: float = 1.0,
+        callback_on_step_end: Callable[[D3PMPipeline, int, int, dict], dict | None] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Sample one image per label.
 
@@ -129,6 +131,8 @@ class D3PMPipeline(DiffusionPipeline):
             unet_parameters: parameters to use instead of the UNet's own for this call only (e.g. base weights
                 plus erasure deltas), loaded into a private copy of the UNet, so concurrent calls never share them.
             temperature: τ in p̃(x0)^{1/τ}: below 1 sharpens the x0 prediction (fewer stray grey levels).
+            callback_on_step_end: called as ``callback(pipeline, step_index, timestep, {"sample": x_{t-1}})`` after
+                each reverse step (as in diffusers); it may return ``{"sample": ...}`` to replace the sample.
 
         Returns:
             `ImagePipelineOutput` with ``images``.
@@ -147,9 +151,11 @@ class D3PMPipeline(DiffusionPipeline):
         scheduler = copy.copy(self.scheduler)
         scheduler.set_timesteps(num_inference_steps)
         sample = scheduler.prior_sample((len(labels), 1, size, size), generator, device)
-        for t in self.progress_bar(scheduler.timesteps.tolist()):
+        for index, t in enumerate(self.progress_bar(scheduler.timesteps.tolist())):
             x0_log_probs = self.x0_log_probs(sample, t, labels, guidance_scale, unet) / temperature
             sample = scheduler.step(x0_log_probs, t, sample, generator=generator).prev_sample
+            if callback_on_step_end is not None:
+                sample = (callback_on_step_end(self, index, t, {"sample": sample}) or {}).get("sample", sample)
         images = self.levels_to_images(sample, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 

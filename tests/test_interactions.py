@@ -13,7 +13,7 @@ from d3pm_hub.erasure.anchors import context_token_table
 
 from .conftest import null_target_mismatch, run_erase_script
 
-PAIR_SETTINGS = dict(steps=90, learning_rate=1e-2, batch_size=8, pool_size=128, eval_size=32)
+PAIR_SETTINGS = dict(steps=90, learning_rate=1e-2, batch_size=8, trajectories=4, eval_trajectories=2)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_pair_training_refuses_deltas_it_cannot_pair(trained, singles):
 def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singles, tmp_path):
     for delta in singles:
         delta.save(tmp_path / "joint" / f"digit-{delta.concepts[0]}.safetensors")
-    settings = ["steps=3", "pool_size=16", "eval_size=8", "batch_size=4"]
+    settings = ["steps=3", "trajectories=1", "eval_trajectories=1", "batch_size=4"]
     arguments = ["--digits", "4", "7", "9", "--pair-terms", str(tmp_path / "joint"), "--set", *settings]
     run_erase_script(trained, tmp_path, [], "--method", "separable", *arguments)
     written = ConceptDelta.load(tmp_path / "deltas" / "digit-7.safetensors")

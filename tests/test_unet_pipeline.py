@@ -60,6 +60,25 @@ def test_sampling_is_deterministic(pipeline):
     assert not torch.equal(sample(pipeline, seed=5), sample(pipeline, seed=6))
 
 
+def test_step_callback_sees_every_sample_and_can_replace_it(pipeline):
+    seen = []
+
+    def record(_pipeline, index, timestep, outputs):
+        seen.append((index, timestep, outputs["sample"].clone()))
+        return {"sample": torch.zeros_like(outputs["sample"])} if index == 4 else None
+
+    images = pipeline(
+        [3, 10],
+        num_inference_steps=5,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        callback_on_step_end=record,
+    ).images
+    assert [index for index, _, _ in seen] == list(range(5)) and seen[0][1] > seen[-1][1]
+    assert seen[0][2].shape == (2, 1, 28, 28) and seen[0][2].dtype == torch.long
+    assert torch.equal(images, torch.zeros_like(images))  # the replaced last sample is what comes out
+
+
 def test_guidance_scale_one_and_zero(pipeline):
     labels = torch.tensor([2, 7])
     x_t = torch.randint(0, 8, (2, 1, 28, 28))

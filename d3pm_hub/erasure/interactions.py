@@ -12,7 +12,8 @@ second-order ones:
 
 * `train_pair_interactions` — with the singles frozen, one increment Δ_ab per pair, on the null label's keys and
   values only (projected as the singles are, so no other label moves), fitted to the pair's null-label target:
-  KL(p*_{ab} ‖ p_{θ₀+Δa+Δb+Δab}(· | x_t, ∅)) on x_t from real digits of every class;
+  KL(p*_{ab} ‖ p_{θ₀+Δa+Δb+Δab}(· | x_t, ∅)) on the states x_t that the pair's null-label samples visit (drawn
+  with both singles applied): where it goes wrong, rather than on noised real digits;
 * storage — Δ_ab changes nothing but the null label's n tokens' keys/values, so each file stores those changes
   M_ab ``(out, n)`` per edited ``attn2.to_k/to_v`` (a few KB per partner; ΔW = M_ab R_∅ with R_∅ the null
   tokens' dual rows, `~.anchors.context_token_rows`) under ``interaction/{partner}/{parameter}``, in both partners'
@@ -26,6 +27,7 @@ Triples and larger sets get every pair term among them (the expansion truncated 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -35,11 +37,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..deltas import FORMAT_VERSION, ConceptDelta
-from ..pipeline import D3PMPipeline
+from ..deltas import FORMAT_VERSION, ConceptDelta, compose_parameters
+from ..pipeline import DEFAULT_NUM_INFERENCE_STEPS, D3PMPipeline
+from ..unet import D3PMUNet
 from .anchors import context_token_rows
 from .common import ConceptIncrements, frozen_copy, logit_divergence, optimise_increment, select_parameters
-from .posterior import TargetPool, null_label_target
+from .posterior import class_posterior, null_label_target
 from .sepme import decoupling_projector
 
 logger = logging.getLogger(__name__)
@@ -52,18 +55,19 @@ class PairSettings:
     Attributes:
         steps: Adam steps in all; each trains one random pair's term (about ``steps / pairs`` per pair).
         learning_rate, batch_size, lr_schedule: as in `~.separable.SeparableSettings`.
-        pool_size: noisy real digits whose frozen predictions are computed once (`TargetPool`).
-        eval_size: held-out noisy digits on which each pair's KL before and after is reported.
-        seed: seed of the pools, pairs and batches.
+        trajectories: null-label samples per pair, drawn with both singles applied, whose states x_t the term is
+            fitted on: the states the pair's sampler actually visits (its own errors included).
+        eval_trajectories: further samples per pair whose states give the held-out KL before and after.
+        seed: seed of the trajectories, pairs and batches (keep it apart from the benchmarks' seed 0).
     """
 
-    steps: int = 2700
+    steps: int = 4500
     learning_rate: float = 3e-3
     batch_size: int = 16
     lr_schedule: str = "cosine"
-    pool_size: int = 4096
-    eval_size: int = 128
-    seed: int = 0
+    trajectories: int = 32
+    eval_trajectories: int = 8
+    seed: int = 1
 
 
 def partner_key(delta: ConceptDelta) -> str:
@@ -137,9 +141,13 @@ def train_pair_interactions(
 ) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
     """Fit a pair term for every pair of ``deltas`` (jointly trained `separable` singles) and store it in both.
 
+    Each pair's term is fitted on the states x_t that null-label samples with both singles applied pass through
+    (`null_label_states`), to the frozen model's target there (`pair_target`), computed on the fly.
+
     Args:
         pipeline: the base pipeline the deltas were made for (not modified).
-        deltas: single-digit `separable` deltas with the same null-label target settings.
+        deltas: single-digit `separable` deltas with the same null-label target settings (pair terms they
+            already carry are replaced).
         settings: `PairSettings` fields.
 
     Returns: copies of the deltas with their pair terms, and the held-out KL of each pair's null label to its
@@ -147,35 +155,35 @@ def train_pair_interactions(
     """
     settings = PairSettings(**settings)
     target_settings = null_target_settings(deltas)
+    deltas = [without_terms(delta) for delta in deltas]
     frozen = frozen_copy(pipeline)
     device, null = frozen.device, frozen.null_label
-    parameters = dict(frozen.named_parameters())
     names = select_parameters(frozen, "context")
     singles = [{name: delta.tensors[name].to(device) for name in names if name in delta.tensors} for delta in deltas]
     pairs = list(itertools.combinations(range(len(deltas)), 2))
-    projector = decoupling_projector(frozen, [null]).to(device)
+    digits = [[digit for i in pair for digit in deltas[i].concepts] for pair in pairs]
     generator = torch.Generator().manual_seed(settings.seed)
-    needs_posterior = target_settings["base"] == "posterior"
-    pool = TargetPool.build(frozen, pipeline.scheduler, settings.pool_size, generator, posterior=needs_posterior)
-    held_out = TargetPool.build(frozen, pipeline.scheduler, settings.eval_size, generator, posterior=needs_posterior)
+    banks, held_out = [], []
+    for i, j in pairs:
+        composed = compose_parameters(pipeline.unet, [deltas[i], deltas[j]])
+        banks.append(null_label_states(pipeline, composed, settings.trajectories, generator))
+        held_out.append(null_label_states(pipeline, composed, settings.eval_trajectories, generator))
+    logger.info("pair terms: %d states per pair from %d trajectories", len(banks[0][0]), settings.trajectories)
 
-    def offsets(pair: tuple[int, int]) -> dict[str, torch.Tensor]:
-        return {name: sum(singles[i].get(name, 0) for i in pair) for name in names}
-
-    def pair_loss(model, pair_index: int, batch, groups: list[int]) -> torch.Tensor:
-        x_t, timesteps, ingredients = batch
-        pair = pairs[pair_index]
-        digits = [digit for i in pair for digit in deltas[i].concepts]
-        target = null_label_target(*ingredients, digits, **target_settings)
-        labels = torch.full_like(timesteps, null)
-        predicted = model(x_t, timesteps, labels, groups=groups, offsets=offsets(pair))
+    def pair_loss(model, pair_index: int, x_t: torch.Tensor, timesteps: torch.Tensor, groups: list[int]):
+        target = pair_target(frozen, x_t, timesteps, digits[pair_index], target_settings)
+        offsets = {name: sum(singles[i].get(name, 0) for i in pairs[pair_index]) for name in names}
+        predicted = model(x_t, timesteps, torch.full_like(timesteps, null), groups=groups, offsets=offsets)
         return logit_divergence(predicted, target, "kl")
 
     def loss_fn(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
         pair_index = int(torch.randint(len(pairs), (), generator=generator))
-        loss = pair_loss(model, pair_index, pool.draw(settings.batch_size, generator, device), [pair_index])
+        states, timesteps = banks[pair_index]
+        index = torch.randint(len(states), (settings.batch_size,), generator=generator)
+        loss = pair_loss(model, pair_index, states[index].to(device), timesteps[index].to(device), [pair_index])
         return {"loss": loss, "concept": loss}
 
+    projector = decoupling_projector(frozen, [null]).to(device)
     result = optimise_increment(
         frozen,
         names,
@@ -187,15 +195,52 @@ def train_pair_interactions(
         seed=settings.seed,
         lr_schedule=settings.lr_schedule,
     )
-    kl = held_out_kl(frozen, names, result.increments, pairs, pair_loss, held_out.select(slice(None), device))
-    null_tokens = context_token_rows(parameters)[0][-1]  # (n, D)
+    kl = held_out_kl(frozen, names, result.increments, pair_loss, held_out)
+    null_tokens = context_token_rows(dict(frozen.named_parameters()))[0][-1].cpu()  # (n, D)
     terms: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in deltas]
     for (i, j), increments in zip(pairs, result.increments, strict=True):
-        changes = {name: (value.double() @ null_tokens.T.cpu()).float() for name, value in increments.items()}
+        changes = {name: (value.double() @ null_tokens.T).float() for name, value in increments.items()}
         terms[i][partner_key(deltas[j])] = terms[j][partner_key(deltas[i])] = changes
-    keys = {f"{'+'.join(partner_key(deltas[i]) for i in pair)}": value for pair, value in zip(pairs, kl, strict=True)}
+    keys = {"+".join(partner_key(deltas[i]) for i in pair): value for pair, value in zip(pairs, kl, strict=True)}
     recorded = dataclasses.asdict(settings) | {"seconds": round(result.seconds, 2)}
     return [with_terms(delta, terms[i], deltas, recorded, keys) for i, delta in enumerate(deltas)], keys
+
+
+@torch.no_grad()
+def null_label_states(
+    pipeline: D3PMPipeline, parameters: dict[str, torch.Tensor], count: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """States x_t ``(count·(n−1), 1, H, W)`` and their t ``(count·(n−1),)`` that ``count`` null-label samples with
+    ``parameters`` pass through at the pipeline's default sampler (n steps; the pure-noise start left out)."""
+    scheduler = copy.copy(pipeline.scheduler)
+    scheduler.set_timesteps(DEFAULT_NUM_INFERENCE_STEPS)
+    upcoming = scheduler.timesteps.tolist()[1:]  # x_t after step k is the input of step k + 1
+    states: list[torch.Tensor] = []
+
+    def record(_pipeline, index: int, _timestep: int, outputs: dict) -> None:
+        if index < len(upcoming):
+            states.append(outputs["sample"].cpu())
+
+    sampler = D3PMPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
+    sampler.set_progress_bar_config(disable=True)
+    null = [pipeline.unet.null_label] * count
+    sampler(null, generator=generator, output_type="pt", unet_parameters=parameters, callback_on_step_end=record)
+    return torch.cat(states), torch.tensor(upcoming).repeat_interleave(count)
+
+
+@torch.no_grad()
+def pair_target(
+    frozen: D3PMUNet, x_t: torch.Tensor, timesteps: torch.Tensor, digits: list[int], target_settings: dict
+) -> torch.Tensor:
+    """The null label's target logits ``(B, K, H, W)`` with ``digits`` erased, from the frozen model at x_t."""
+    posterior = target_settings["base"] == "posterior"
+    labels = list(range(frozen.null_label)) if posterior else digits
+    every = torch.tensor([*labels, frozen.null_label], device=x_t.device).repeat_interleave(len(x_t))
+    logits = frozen(x_t.repeat(len(labels) + 1, 1, 1, 1), timesteps.repeat(len(labels) + 1), every)
+    log_probs = torch.log_softmax(logits.float(), dim=1).unflatten(0, (len(labels) + 1, len(x_t)))
+    weights = class_posterior(log_probs[-1], log_probs[:-1]) if posterior else None
+    erased = digits if posterior else list(range(len(digits)))
+    return null_label_target(log_probs[-1], log_probs[:-1], weights, erased, **target_settings)
 
 
 def null_target_settings(deltas: list[ConceptDelta]) -> dict:
@@ -219,16 +264,23 @@ def null_target_settings(deltas: list[ConceptDelta]) -> dict:
 
 
 @torch.no_grad()
-def held_out_kl(frozen, names, increments, pairs, pair_loss, batch) -> list[list[float]]:
-    """Each pair's held-out KL without and with its term: ``[[before, after], ...]``."""
-    model = ConceptIncrements(frozen, names, len(pairs))
+def held_out_kl(frozen, names, increments, pair_loss, held_out) -> list[list[float]]:
+    """Each pair's KL on its held-out states without and with its term: ``[[before, after], ...]``."""
+    model = ConceptIncrements(frozen, names, len(increments))
     for group, trained in zip(model.increments, increments, strict=True):
         for parameter, name in zip(group, names, strict=True):
             parameter.copy_(trained[name])
+    device = frozen.device
     return [
-        [round(pair_loss(model, index, batch, groups).item(), 5) for groups in ([], [index])]
-        for index in range(len(pairs))
+        [round(pair_loss(model, index, x_t.to(device), t.to(device), groups).item(), 5) for groups in ([], [index])]
+        for index, (x_t, t) in enumerate(held_out)
     ]
+
+
+def without_terms(delta: ConceptDelta) -> ConceptDelta:
+    """The delta's single increments and metadata, without pair terms."""
+    metadata = {key: value for key, value in delta.metadata.items() if key != "interactions"}
+    return ConceptDelta(tensors=dict(delta.tensors), metadata=metadata)
 
 
 def with_terms(
