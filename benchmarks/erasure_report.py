@@ -228,6 +228,7 @@ def main() -> None:
         print(digits_table(singles), end="\n\n")
     if args.matrix:
         cells = {key: row for path in args.matrix for key, row in load(path)["matrix"].items()}
+        cells = dict(sorted(cells.items(), key=lambda item: tuple(map(int, item[0].split("+")))))
         print(matrix_tables({"matrix": cells}, singles), end="\n\n")
     if args.strengths:
         print(strength_table(load(args.strengths)), end="\n\n")

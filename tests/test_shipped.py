@@ -8,6 +8,7 @@ import torch
 from d3pm_hub import D3PMPipeline
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.erasure.anchors import anchors_of
+from d3pm_hub.erasure.interactions import without_terms
 from d3pm_hub.evaluation import classify, load_classifier
 from d3pm_hub.paths import DEFAULT_PIPELINE, PRETRAINED
 
@@ -63,3 +64,12 @@ class TestShippedDeltas:
         partner = ConceptDelta.load(PRETRAINED / "deltas" / "separable" / f"digit-{anchor}.safetensors")
         predictions, confidence = read(pipeline, 9, [nine, partner])
         assert not torch.isin(predictions, torch.tensor([9, anchor])).any() and confidence.mean() > 0.85
+
+    def test_every_pair_of_shipped_deltas_carries_its_pair_term(self, pipeline):
+        deltas = [ConceptDelta.load(PRETRAINED / "deltas" / "separable" / f"digit-{d}.safetensors") for d in range(10)]
+        for digit, delta in enumerate(deltas):
+            assert set(delta.interactions) == {str(d) for d in range(10) if d != digit}
+        two, six = deltas[2], deltas[6]
+        with_term = compose_parameters(pipeline.unet, [two, six])
+        without = compose_parameters(pipeline.unet, [without_terms(delta) for delta in (two, six)])
+        assert any(not torch.equal(value, without[name]) for name, value in with_term.items())
