@@ -2,7 +2,7 @@
 
 The null label's edits Δ_e of `~.separable.erase_separable_jointly` add in key/value space, but the network is
 nonlinear in them, so Δ_a + Δ_b misses the pair's target p*_{ab} by a distillation error the single deltas do not
-show: with the shipped deltas 11 of 45 pairs let a digit back among null-label samples (BENCHMARKS.md §4). An edit
+show: without pair terms, 11 of 45 pairs let a digit back among null-label samples (BENCHMARKS.md §4). An edit
 as a function of the erased set S expands as
 
     Δ(S) = Σ_{a∈S} Δ_a + Σ_{a<b ∈ S} Δ_ab + …
