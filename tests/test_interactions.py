@@ -119,6 +119,28 @@ def test_pair_training_refuses_deltas_it_cannot_pair(trained, singles):
         train_pair_interactions(trained, [singles[0], other_target], steps=1)
 
 
+REFINE_SETTINGS = dict(rounds=1, refine_steps=60, refine_learning_rate=1e-2, refine_trajectories=4)
+
+
+def test_refining_fits_a_further_on_policy_round_on_top_of_the_terms(trained, singles, paired):
+    deltas, _ = paired
+    refined, kl = train_pair_interactions(trained, deltas, refine=True, **REFINE_SETTINGS)
+    recorded = refined[2].hyperparameters["pair_terms"]
+    assert recorded["rounds"] == 2 and recorded["steps"] == PAIR_SETTINGS["steps"] and recorded["refine_steps"] == 60
+    assert all(after < before for before, after in kl.values())
+    for name, change in deltas[0].interactions["9"].items():  # a correction added to the round-1 term
+        assert not torch.allclose(refined[0].interactions["9"][name], change)
+        torch.testing.assert_close(refined[0].interactions["9"][name], refined[2].interactions["4"][name])
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        digits = deltas[i].concepts + deltas[j].concepts
+        without = null_target_mismatch(trained, compose(trained, [singles[i], singles[j]]), digits)
+        assert null_target_mismatch(trained, compose(trained, [refined[i], refined[j]]), digits) < without
+    with pytest.raises(ValueError, match="refine again with the same refine_\\* settings"):
+        train_pair_interactions(trained, refined, refine=True, **REFINE_SETTINGS | {"refine_steps": 7})
+    with pytest.raises(ValueError, match="Refining needs every pair's term: the delta of 4 has none"):
+        train_pair_interactions(trained, singles, refine=True, **REFINE_SETTINGS)
+
+
 def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singles, tmp_path):
     for delta in singles:
         delta.save(tmp_path / "joint" / f"digit-{delta.concepts[0]}.safetensors")
@@ -127,6 +149,15 @@ def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singl
     run_erase_script(trained, tmp_path, [], "--method", "separable", *arguments)
     written = ConceptDelta.load(tmp_path / "deltas" / "digit-7.safetensors")
     assert set(written.interactions) == {"4", "9"} and written.hyperparameters["pair_terms"]["steps"] == 3
+    refine = ["--pair-terms", str(tmp_path / "deltas"), "--refine", "--set", "refine_steps=2", "refine_trajectories=1"]
+    run_erase_script(trained, tmp_path, [], "--method", "separable", "--digits", "4", "7", "9", *refine)
+    refined = ConceptDelta.load(tmp_path / "deltas" / "digit-7.safetensors")
+    assert refined.hyperparameters["pair_terms"] | {"seconds": 0} == written.hyperparameters["pair_terms"] | {
+        "rounds": 2,
+        "refine_steps": 2,
+        "refine_trajectories": 1,
+        "seconds": 0,
+    }
 
 
 def test_the_card_names_the_pair_partners(paired):

@@ -97,6 +97,11 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
         help="fit pair interaction terms for FOLDER's jointly trained deltas digit-{d}.safetensors (--digits) and "
         "write the deltas with their terms to --output-dir; --set takes PairSettings fields (method: separable)",
     )
+    parser.add_argument(
+        "--refine",
+        action="store_true",
+        help="with --pair-terms: keep the pair terms FOLDER's deltas carry and add --set rounds=N on-policy rounds",
+    )
     parser.add_argument("--model", default=str(DEFAULT_PIPELINE), help="base pipeline folder or Hub repo id")
     parser.add_argument("--output-dir", default="outputs/deltas", help="writes {output_dir}/digit-{d}.safetensors")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method hyper-parameters")
@@ -123,12 +128,14 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
     base_model = model_name(args.model)
     if args.jointly and args.method not in JOINT_METHODS:
         raise ValueError(f"--jointly needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
+    if args.refine and not args.pair_terms:
+        raise ValueError("--refine adds rounds to existing pair terms: name their folder with --pair-terms.")
     groups = [[digit] for digit in args.digits] if args.each else [args.digits]
     if args.pair_terms:
         if args.method not in JOINT_METHODS:
             raise ValueError(f"--pair-terms needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
         singles = [ConceptDelta.load(Path(args.pair_terms) / f"digit-{digit}.safetensors") for digit in args.digits]
-        erasures, kl = train_pair_interactions(pipeline, singles, **hyperparameters)
+        erasures, kl = train_pair_interactions(pipeline, singles, refine=args.refine, **hyperparameters)
         logger.info("Held-out KL of each pair's null label to its target, [before, after]: %s", kl)
     elif args.method in INFERENCE_METHODS:
         settings = {"negative_scale": INFERENCE_METHODS[args.method]} | hyperparameters

@@ -53,12 +53,17 @@ class PairSettings:
     """Hyper-parameters of `train_pair_interactions` (stored in every delta's ``hyperparameters["pair_terms"]``).
 
     Attributes:
-        steps: Adam steps in all; each trains one random pair's term (about ``steps / pairs`` per pair).
+        steps: Adam steps of the first round; each trains one random pair's term (about ``steps / pairs`` per pair).
         learning_rate, batch_size, lr_schedule: as in `~.separable.SeparableSettings`.
         trajectories: null-label samples per pair, drawn with both singles applied, whose states x_t the term is
             fitted on: the states the pair's sampler actually visits (its own errors included).
         eval_trajectories: further samples per pair whose states give the held-out KL before and after.
-        seed: seed of the trajectories, pairs and batches (keep it apart from the benchmarks' seed 0).
+        seed: seed of the trajectories, pairs and batches of the first round (round r uses ``seed + r − 1``; keep
+            them apart from the benchmarks' seed 0).
+        rounds: on-policy rounds (DAgger). Round r ≥ 2 redraws each pair's states with its term so far applied,
+            where the sampler now goes, and fits a correction on top of the term, with the ``refine_*`` settings.
+        refine_steps, refine_learning_rate, refine_trajectories: ``steps``, ``learning_rate`` and
+            ``trajectories`` of the rounds after the first.
     """
 
     steps: int = 4500
@@ -68,6 +73,10 @@ class PairSettings:
     trajectories: int = 32
     eval_trajectories: int = 8
     seed: int = 1
+    rounds: int = 1
+    refine_steps: int = 3000
+    refine_learning_rate: float = 1.5e-3
+    refine_trajectories: int = 64
 
 
 def partner_key(delta: ConceptDelta) -> str:
@@ -137,50 +146,101 @@ def check_term(base_parameters: dict[str, torch.Tensor], name: str, change: torc
 
 
 def train_pair_interactions(
-    pipeline: D3PMPipeline, deltas: list[ConceptDelta], **settings
+    pipeline: D3PMPipeline, deltas: list[ConceptDelta], refine: bool = False, **settings
 ) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
     """Fit a pair term for every pair of ``deltas`` (jointly trained `separable` singles) and store it in both.
 
-    Each pair's term is fitted on the states x_t that null-label samples with both singles applied pass through
-    (`null_label_states`), to the frozen model's target there (`pair_target`), computed on the fly.
+    Each round fits each pair's term on the states x_t that null-label samples with both singles (and the pair's
+    term so far) applied pass through (`null_label_states`), to the frozen model's target there (`pair_target`),
+    computed on the fly: round 1 from no term, round r ≥ 2 a correction added to the term of round r − 1.
 
     Args:
         pipeline: the base pipeline the deltas were made for (not modified).
-        deltas: single-digit `separable` deltas with the same null-label target settings (pair terms they
-            already carry are replaced).
-        settings: `PairSettings` fields.
+        deltas: single-digit `separable` deltas with the same null-label target settings.
+        refine: keep the pair terms the deltas carry (all pairs, fitted together with `train_pair_interactions`)
+            and run ``rounds`` more rounds on top of them; otherwise terms they carry are replaced.
+        settings: `PairSettings` fields (with ``refine``, the first round's fields are those the terms record).
 
     Returns: copies of the deltas with their pair terms, and the held-out KL of each pair's null label to its
-    target before and after (``{"a+b": [before, after]}``; also stored in each delta's metrics).
+    target without and with its term, on the last round's states (``{"a+b": [without, with]}``; also stored in
+    each delta's metrics).
+
+    Raises:
+        ValueError: deltas that cannot be paired, or (``refine``) deltas without a complete set of pair terms.
     """
     settings = PairSettings(**settings)
     target_settings = null_target_settings(deltas)
-    deltas = [without_terms(delta) for delta in deltas]
+    more = settings.rounds
+    if refine:
+        recorded = refined_settings(deltas, settings)
+        fields = [field.name for field in dataclasses.fields(PairSettings)]
+        settings = PairSettings(**{key: value for key, value in recorded.items() if key in fields})
+    else:
+        recorded = dataclasses.asdict(settings) | {"seconds": 0.0}
+        deltas = [without_terms(delta) for delta in deltas]
     frozen = frozen_copy(pipeline)
+    first = recorded["rounds"] - more + 1
+    for round_index in range(first, recorded["rounds"] + 1):
+        terms, kl, seconds = fit_pair_round(pipeline, frozen, deltas, settings, round_index, target_settings)
+        recorded["seconds"] = round(recorded["seconds"] + seconds, 2)
+        deltas = [with_terms(delta, terms[i], deltas, recorded, kl) for i, delta in enumerate(deltas)]
+    return deltas, kl
+
+
+def fit_pair_round(
+    pipeline: D3PMPipeline,
+    frozen: D3PMUNet,
+    deltas: list[ConceptDelta],
+    settings: PairSettings,
+    round_index: int,
+    target_settings: dict,
+) -> tuple[list[dict[str, dict[str, torch.Tensor]]], dict[str, list[float]], float]:
+    """One on-policy round: every pair's term plus a correction fitted on the states its current composition visits.
+
+    Returns: each delta's terms by partner (the ``(out, n)`` changes of the null tokens' keys/values), each pair's
+    held-out KL ``[without term, with term]``, and the optimisation's seconds.
+    """
+    first = round_index == 1
+    steps, learning_rate, trajectories = (
+        (settings.steps, settings.learning_rate, settings.trajectories)
+        if first
+        else (settings.refine_steps, settings.refine_learning_rate, settings.refine_trajectories)
+    )
+    seed = settings.seed + round_index - 1
     device, null = frozen.device, frozen.null_label
     names = select_parameters(frozen, "context")
-    singles = [{name: delta.tensors[name].to(device) for name in names if name in delta.tensors} for delta in deltas]
+    base = {name: frozen.get_parameter(name).detach() for name in names}
+    singles = [without_terms(delta) for delta in deltas]
     pairs = list(itertools.combinations(range(len(deltas)), 2))
     digits = [[digit for i in pair for digit in deltas[i].concepts] for pair in pairs]
-    generator = torch.Generator().manual_seed(settings.seed)
-    banks, held_out = [], []
-    for i, j in pairs:
-        composed = compose_parameters(pipeline.unet, [deltas[i], deltas[j]])
-        banks.append(null_label_states(pipeline, composed, settings.trajectories, generator))
-        held_out.append(null_label_states(pipeline, composed, settings.eval_trajectories, generator))
-    logger.info("pair terms: %d states per pair from %d trajectories", len(banks[0][0]), settings.trajectories)
 
-    def pair_loss(model, pair_index: int, x_t: torch.Tensor, timesteps: torch.Tensor, groups: list[int]):
-        target = pair_target(frozen, x_t, timesteps, digits[pair_index], target_settings)
-        offsets = {name: sum(singles[i].get(name, 0) for i in pairs[pair_index]) for name in names}
-        predicted = model(x_t, timesteps, torch.full_like(timesteps, null), groups=groups, offsets=offsets)
+    def offsets_of(composed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: (composed[name] - base[name]).to(device) for name in names if name in composed}
+
+    generator = torch.Generator().manual_seed(seed)
+    banks, held_out, offsets, single_offsets = [], [], [], []
+    for i, j in pairs:
+        composed = compose_parameters(pipeline.unet, [deltas[i], deltas[j]])  # with the term so far
+        banks.append(null_label_states(pipeline, composed, trajectories, generator))
+        held_out.append(null_label_states(pipeline, composed, settings.eval_trajectories, generator))
+        offsets.append(offsets_of(composed))
+        single_offsets.append(offsets_of(compose_parameters(pipeline.unet, [singles[i], singles[j]])))
+    logger.info(
+        "pair terms, round %d: %d states per pair from %d trajectories", round_index, len(banks[0][0]), trajectories
+    )
+
+    def pair_loss(
+        model, index: int, x_t: torch.Tensor, timesteps: torch.Tensor, groups: list[int], fixed
+    ) -> torch.Tensor:
+        target = pair_target(frozen, x_t, timesteps, digits[index], target_settings)
+        predicted = model(x_t, timesteps, torch.full_like(timesteps, null), groups=groups, offsets=fixed[index])
         return logit_divergence(predicted, target, "kl")
 
     def loss_fn(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        pair_index = int(torch.randint(len(pairs), (), generator=generator))
-        states, timesteps = banks[pair_index]
-        index = torch.randint(len(states), (settings.batch_size,), generator=generator)
-        loss = pair_loss(model, pair_index, states[index].to(device), timesteps[index].to(device), [pair_index])
+        index = int(torch.randint(len(pairs), (), generator=generator))
+        states, timesteps = banks[index]
+        batch = torch.randint(len(states), (settings.batch_size,), generator=generator)
+        loss = pair_loss(model, index, states[batch].to(device), timesteps[batch].to(device), [index], offsets)
         return {"loss": loss, "concept": loss}
 
     projector = decoupling_projector(frozen, [null]).to(device)
@@ -188,22 +248,58 @@ def train_pair_interactions(
         frozen,
         names,
         loss_fn,
-        settings.steps,
-        settings.learning_rate,
+        steps,
+        learning_rate,
         project=lambda group, name, increment: (increment.double() @ projector).to(increment.dtype),
         num_groups=len(pairs),
-        seed=settings.seed,
+        seed=seed,
         lr_schedule=settings.lr_schedule,
     )
-    kl = held_out_kl(frozen, names, result.increments, pair_loss, held_out)
+    model = corrections_model(frozen, names, result.increments)
+    evaluate = [lambda *args: pair_loss(*args, [], single_offsets), lambda *args: pair_loss(*args, [args[1]], offsets)]
+    kl = held_out_kl(model, evaluate, held_out)
     null_tokens = context_token_rows(dict(frozen.named_parameters()))[0][-1].cpu()  # (n, D)
     terms: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in deltas]
     for (i, j), increments in zip(pairs, result.increments, strict=True):
-        changes = {name: (value.double() @ null_tokens.T).float() for name, value in increments.items()}
+        previous = deltas[i].interactions.get(partner_key(deltas[j]), {})
+        changes = {
+            name: previous.get(name, torch.zeros(())).float() + (value.double() @ null_tokens.T).float()
+            for name, value in increments.items()
+        }
         terms[i][partner_key(deltas[j])] = terms[j][partner_key(deltas[i])] = changes
     keys = {"+".join(partner_key(deltas[i]) for i in pair): value for pair, value in zip(pairs, kl, strict=True)}
-    recorded = dataclasses.asdict(settings) | {"seconds": round(result.seconds, 2)}
-    return [with_terms(delta, terms[i], deltas, recorded, keys) for i, delta in enumerate(deltas)], keys
+    return terms, keys, result.seconds
+
+
+def refined_settings(deltas: list[ConceptDelta], settings: PairSettings) -> dict:
+    """The ``pair_terms`` record after ``settings.rounds`` more rounds on the terms ``deltas`` carry.
+
+    Raises:
+        ValueError: a pair without a term fitted against its partner's current increments, deltas whose terms
+            were fitted in different runs, or refinement settings other than those of earlier refinements.
+    """
+    hashes = [increment_hash(delta) for delta in deltas]
+    for i, j in itertools.permutations(range(len(deltas)), 2):
+        first, second = deltas[i], deltas[j]
+        if (
+            interaction_partners(first).get(partner_key(second)) != hashes[j]
+            or partner_key(second) not in first.interactions
+        ):
+            raise ValueError(
+                f"Refining needs every pair's term: the delta of {partner_key(first)} has none fitted against the "
+                f"delta of {partner_key(second)}. Fit them first (train_pair_interactions without refine)."
+            )
+    records = {json.dumps(delta.hyperparameters.get("pair_terms"), sort_keys=True) for delta in deltas}
+    if len(records) != 1:
+        raise ValueError("The deltas' pair terms come from different runs: fit them again together, without refine.")
+    previous = json.loads(records.pop())
+    refinement = {
+        key: getattr(settings, key) for key in ("refine_steps", "refine_learning_rate", "refine_trajectories")
+    }
+    earlier = previous.get("rounds", 1)
+    if earlier > 1 and any(previous.get(key) != value for key, value in refinement.items()):
+        raise ValueError(f"Earlier rounds were refined with {previous}; refine again with the same refine_* settings.")
+    return previous | refinement | {"rounds": earlier + settings.rounds}
 
 
 @torch.no_grad()
@@ -263,16 +359,22 @@ def null_target_settings(deltas: list[ConceptDelta]) -> dict:
     return json.loads(found.pop())
 
 
-@torch.no_grad()
-def held_out_kl(frozen, names, increments, pair_loss, held_out) -> list[list[float]]:
-    """Each pair's KL on its held-out states without and with its term: ``[[before, after], ...]``."""
+def corrections_model(frozen: D3PMUNet, names: list[str], increments: list[dict[str, torch.Tensor]]):
+    """A `ConceptIncrements` over ``frozen`` holding the trained ``increments`` (one group per pair)."""
     model = ConceptIncrements(frozen, names, len(increments))
-    for group, trained in zip(model.increments, increments, strict=True):
-        for parameter, name in zip(group, names, strict=True):
-            parameter.copy_(trained[name])
-    device = frozen.device
+    with torch.no_grad():
+        for group, trained in zip(model.increments, increments, strict=True):
+            for parameter, name in zip(group, names, strict=True):
+                parameter.copy_(trained[name])
+    return model
+
+
+@torch.no_grad()
+def held_out_kl(model, losses, held_out) -> list[list[float]]:
+    """Each pair's held-out KL under each of ``losses`` (``loss(model, pair, x_t, t)``): ``[[...], ...]``."""
+    device = model.unet.device
     return [
-        [round(pair_loss(model, index, x_t.to(device), t.to(device), groups).item(), 5) for groups in ([], [index])]
+        [round(loss(model, index, x_t.to(device), t.to(device)).item(), 5) for loss in losses]
         for index, (x_t, t) in enumerate(held_out)
     ]
 
