@@ -132,6 +132,54 @@ def matrix_tables(report: dict, singles: dict | None) -> str:
     )
 
 
+def null_matrix_row(name: str, report: dict) -> str:
+    """One row of the null-label pair summary: ``report`` is `erasure_null_matrix.py`'s (parts merged).
+
+    A cell is (pair, erased digit e): e's rate among the pair's null-label samples against e's single delta's.
+    "Clearly over" counts the pairs where some cell's excess is above 1 point by more than two standard errors of
+    the difference, √((p_pair + p_single) / n) (rare events, the two rates taken as independent, which overstates
+    the error: both use the same seeds).
+    """
+    cells, samples = report["null_label"], report["args"]["samples"]
+    single = {digit: cells[str(digit)]["rates"][digit] for digit in range(10)}
+    excess, over, clearly, worst = [], set(), set(), (0.0, "")
+    for key, row in cells.items():
+        if "+" not in key:
+            continue
+        for digit in map(int, key.split("+")):
+            rate, error = row["rates"][digit], ((row["rates"][digit] + single[digit]) / samples) ** 0.5
+            excess.append(rate - single[digit])
+            over |= {key} if excess[-1] > 0.01 + 1e-6 else set()
+            clearly |= {key} if excess[-1] - 2 * error > 0.01 else set()
+            worst = max(worst, (rate, f"{digit} with {key.replace(str(digit), '').strip('+')}"))
+    rates = [cells[key]["rates"][int(d)] for key in cells if "+" in key for d in key.split("+")]
+    found = round(sum(rates) * samples)
+    return (
+        f"| {name} | {samples} | {sum(rates) / len(rates):.4f} | {sum(excess) / len(excess):.4f} | "
+        f"{worst[0]:.3f} ({worst[1]}) | {len(over)} | {len(clearly)} | {found} of {len(rates) * samples:,} |"
+    )
+
+
+def merge_null_matrices(reports: list[dict]) -> dict:
+    """The parts of one `erasure_null_matrix.py` run as one report (they must agree on the sample count)."""
+    samples = {report["args"]["samples"] for report in reports}
+    if len(samples) != 1:
+        raise ValueError(
+            f"These null matrices were sampled at different sizes {sorted(samples)}: merge one run's parts."
+        )
+    cells = {key: row for report in reports for key, row in report["null_label"].items()}
+    return {"args": {"samples": samples.pop()}, "null_label": cells}
+
+
+def null_matrix_table(variants: list[tuple[str, dict]]) -> str:
+    """The null-label pair summary: one `null_matrix_row` per (name, merged report)."""
+    header = (
+        "| deltas | samples per cell | mean rate | mean excess over the single | worst cell | pairs > 1 point | "
+        "pairs clearly > 1 point | erased digit, all cells |"
+    )
+    return "\n".join([header, "|---|---|---|---|---|---|---|---|", *(null_matrix_row(*v) for v in variants)])
+
+
 def strength_table(report: dict) -> str:
     """The strength sweep of `benchmarks/erasure_compose.py --strengths`."""
     neighbours = list(next(iter(report["sweep"].values()))["neighbour_accuracy"])
@@ -217,6 +265,13 @@ def main() -> None:
     parser.add_argument("--sweeps", nargs="*", default=[], help="benchmarks/erasure_sweep.py outputs")
     parser.add_argument("--targets", help="benchmarks/erasure_targets.py output")
     parser.add_argument("--attack-digits", nargs="*", default=[], help="benchmarks/erasure_attack_digits.py outputs")
+    parser.add_argument(
+        "--null-matrices",
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH[,PATH]",
+        help="erasure_null_matrix.py outputs (parts joined by commas), one summary row each",
+    )
     args = parser.parse_args()
     if args.leaderboard:
         reports = [load(path) for path in args.leaderboard]
@@ -243,6 +298,10 @@ def main() -> None:
         print(targets_table(load(args.targets)), end="\n\n")
     if args.attack_digits:
         print(attack_digits_table([load(path) for path in args.attack_digits]), end="\n\n")
+    if args.null_matrices:
+        variants = [text.split("=", 1) for text in args.null_matrices]
+        merged = [(name, merge_null_matrices([load(path) for path in paths.split(",")])) for name, paths in variants]
+        print(null_matrix_table(merged), end="\n\n")
 
 
 if __name__ == "__main__":

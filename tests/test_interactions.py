@@ -1,5 +1,6 @@
 """Pair interaction terms: fitted per pair, stored in both partners' files, applied only to their pair's null label."""
 
+import argparse
 import copy
 import json
 
@@ -8,7 +9,7 @@ import torch
 
 from d3pm_hub.cards import delta_card
 from d3pm_hub.deltas import FORMAT_VERSION, ConceptDelta, compose_parameters
-from d3pm_hub.erasure import erase_separable_jointly, train_pair_interactions
+from d3pm_hub.erasure import add_erase_arguments, erase_separable_jointly, run_erase, train_pair_interactions
 from d3pm_hub.erasure.anchors import context_token_table
 
 from .conftest import null_target_mismatch, run_erase_script
@@ -158,6 +159,13 @@ def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singl
         "refine_trajectories": 1,
         "seconds": 0,
     }
+    parser = argparse.ArgumentParser()
+    add_erase_arguments(parser)
+    alone = parser.parse_args(
+        ["--method", "separable", "--digits", "4", "7", "--refine", "--model", str(tmp_path / "base")]
+    )
+    with pytest.raises(ValueError, match="--refine adds rounds to existing pair terms: name their folder"):
+        run_erase(alone)
 
 
 def test_the_card_names_the_pair_partners(paired):

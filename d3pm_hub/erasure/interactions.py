@@ -13,7 +13,9 @@ second-order ones:
 * `train_pair_interactions` — with the singles frozen, one increment Δ_ab per pair, on the null label's keys and
   values only (projected as the singles are, so no other label moves), fitted to the pair's null-label target:
   KL(p*_{ab} ‖ p_{θ₀+Δa+Δb+Δab}(· | x_t, ∅)) on the states x_t that the pair's null-label samples visit (drawn
-  with both singles applied): where it goes wrong, rather than on noised real digits;
+  with both singles applied): where it goes wrong, rather than on noised real digits. Later rounds (DAgger-style,
+  ``PairSettings.rounds``, or ``refine=True`` on deltas that carry terms) redraw those states with the term in
+  place, where the sampler then goes, and fit a correction on top;
 * storage — Δ_ab changes nothing but the null label's n tokens' keys/values, so each file stores those changes
   M_ab ``(out, n)`` per edited ``attn2.to_k/to_v`` (a few KB per partner; ΔW = M_ab R_∅ with R_∅ the null
   tokens' dual rows, `~.anchors.context_token_rows`) under ``interaction/{partner}/{parameter}``, in both partners'
@@ -209,22 +211,12 @@ def fit_pair_round(
     seed = settings.seed + round_index - 1
     device, null = frozen.device, frozen.null_label
     names = select_parameters(frozen, "context")
-    base = {name: frozen.get_parameter(name).detach() for name in names}
-    singles = [without_terms(delta) for delta in deltas]
     pairs = list(itertools.combinations(range(len(deltas)), 2))
     digits = [[digit for i in pair for digit in deltas[i].concepts] for pair in pairs]
-
-    def offsets_of(composed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: (composed[name] - base[name]).to(device) for name in names if name in composed}
-
     generator = torch.Generator().manual_seed(seed)
-    banks, held_out, offsets, single_offsets = [], [], [], []
-    for i, j in pairs:
-        composed = compose_parameters(pipeline.unet, [deltas[i], deltas[j]])  # with the term so far
-        banks.append(null_label_states(pipeline, composed, trajectories, generator))
-        held_out.append(null_label_states(pipeline, composed, settings.eval_trajectories, generator))
-        offsets.append(offsets_of(composed))
-        single_offsets.append(offsets_of(compose_parameters(pipeline.unet, [singles[i], singles[j]])))
+    banks, held_out, offsets, single_offsets = pair_state_banks(
+        pipeline, deltas, names, trajectories, settings.eval_trajectories, generator
+    )
     logger.info(
         "pair terms, round %d: %d states per pair from %d trajectories", round_index, len(banks[0][0]), trajectories
     )
@@ -258,17 +250,55 @@ def fit_pair_round(
     model = corrections_model(frozen, names, result.increments)
     evaluate = [lambda *args: pair_loss(*args, [], single_offsets), lambda *args: pair_loss(*args, [args[1]], offsets)]
     kl = held_out_kl(model, evaluate, held_out)
+    terms = added_terms(frozen, deltas, result.increments)
+    keys = {"+".join(partner_key(deltas[i]) for i in pair): value for pair, value in zip(pairs, kl, strict=True)}
+    return terms, keys, result.seconds
+
+
+def added_terms(
+    frozen: D3PMUNet, deltas: list[ConceptDelta], corrections: list[dict[str, torch.Tensor]]
+) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Each delta's pair terms by partner: the term it carries (if any) plus the pair's fitted correction ΔW,
+    stored as the change ΔW T_∅ᵀ ``(out, n)`` of the null tokens' keys/values (T_∅ ``(n, D)`` their context)."""
     null_tokens = context_token_rows(dict(frozen.named_parameters()))[0][-1].cpu()  # (n, D)
     terms: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in deltas]
-    for (i, j), increments in zip(pairs, result.increments, strict=True):
+    pairs = itertools.combinations(range(len(deltas)), 2)
+    for (i, j), increments in zip(pairs, corrections, strict=True):
         previous = deltas[i].interactions.get(partner_key(deltas[j]), {})
         changes = {
             name: previous.get(name, torch.zeros(())).float() + (value.double() @ null_tokens.T).float()
             for name, value in increments.items()
         }
         terms[i][partner_key(deltas[j])] = terms[j][partner_key(deltas[i])] = changes
-    keys = {"+".join(partner_key(deltas[i]) for i in pair): value for pair, value in zip(pairs, kl, strict=True)}
-    return terms, keys, result.seconds
+    return terms
+
+
+def pair_state_banks(
+    pipeline: D3PMPipeline,
+    deltas: list[ConceptDelta],
+    names: list[str],
+    trajectories: int,
+    eval_trajectories: int,
+    generator: torch.Generator,
+) -> tuple[list, list, list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Per pair (in `itertools.combinations` order): the states its null-label samples visit with the pair's
+    current composition (`null_label_states`, ``trajectories`` and ``eval_trajectories`` samples), and the
+    increments of ``names`` over the base with and without its pair term."""
+    device = pipeline.unet.device
+    base = {name: pipeline.unet.get_parameter(name).detach() for name in names}
+
+    def increments(composed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: (composed[name] - base[name]).to(device) for name in names if name in composed}
+
+    banks, held_out, offsets, single_offsets = [], [], [], []
+    for i, j in itertools.combinations(range(len(deltas)), 2):
+        composed = compose_parameters(pipeline.unet, [deltas[i], deltas[j]])  # with the term so far
+        banks.append(null_label_states(pipeline, composed, trajectories, generator))
+        held_out.append(null_label_states(pipeline, composed, eval_trajectories, generator))
+        offsets.append(increments(composed))
+        singles = compose_parameters(pipeline.unet, [without_terms(deltas[i]), without_terms(deltas[j])])
+        single_offsets.append(increments(singles))
+    return banks, held_out, offsets, single_offsets
 
 
 def refined_settings(deltas: list[ConceptDelta], settings: PairSettings) -> dict:
