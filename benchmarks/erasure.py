@@ -83,10 +83,14 @@ def predictions(
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     seed: int = 0,
+    batch_size: int | None = None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Label → (predicted digits, confidences) of ``samples`` images per label drawn with ``parameters``."""
+    """Label → (predicted digits, confidences) of ``samples`` images per label drawn with ``parameters`` (in calls
+    of ``batch_size``: see `sample_images`)."""
     call = (lambda **kw: pipeline(**kw, unet_parameters=parameters)) if parameters else pipeline
-    images, image_labels = sample_images(call, labels, samples, num_inference_steps, guidance_scale, seed=seed)
+    images, image_labels = sample_images(
+        call, labels, samples, num_inference_steps, guidance_scale, seed=seed, batch_size=batch_size
+    )
     probs = predict_proba(classifier, images)
     return {
         label: (probs[image_labels == label].argmax(1), probs[image_labels == label].max(1).values) for label in labels

@@ -26,6 +26,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", required=True, help="holds digit-{0..9}.safetensors")
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        help="images per sampler call; the first calls' samples do not depend on --samples (100 at a time is also "
+        "faster on the CPU than one call of 500)",
+    )
     parser.add_argument("--part", type=int, default=0)
     parser.add_argument("--parts", type=int, default=1)
     parser.add_argument("--sets", nargs="*", default=[], help="erase these sets instead, e.g. 0+2+6 (any size)")
@@ -39,7 +46,7 @@ def main() -> None:
     report = {"args": vars(args), "null_label": {}}
     for erased in sets[args.part :: args.parts]:
         parameters = compose_parameters(pipeline.unet, [deltas[d] for d in erased])
-        result = predictions(pipeline, classifier, parameters, [NULL], args.samples)
+        result = predictions(pipeline, classifier, parameters, [NULL], args.samples, batch_size=args.batch_size)
         row = {"rates": histogram(result, NULL), "confidence": result[NULL][1].mean().item()}
         report["null_label"]["+".join(map(str, erased))] = row
         Path(args.output).write_text(json.dumps(report, indent=1))

@@ -31,8 +31,9 @@ BASE = "pretrained/d3pm-mnist"
 JOINT_SETTINGS = {
     "separable": dict(SETTINGS["separable"], null_alpha=2.0, steps=3000, lr_schedule="cosine", subset_sizes=(1, 2))
 }
-# Then a pair term for each of the 45 pairs (`train_pair_interactions`): ~100 steps each.
-PAIR_SETTINGS = {"separable": dict(steps=4500)}
+# Then a pair term for each of the 45 pairs (`train_pair_interactions`): ~100 steps each, then two on-policy rounds
+# of ~67 steps each (the shipped files ran round 1, were saved in fp16, then `--refine --set rounds=2`).
+PAIR_SETTINGS = {"separable": dict(steps=4500, rounds=3)}
 TRAINING_METRICS = ("erase_seconds", "final_loss", "steps_run", "pair_kl")  # kept when a delta is re-measured
 
 
