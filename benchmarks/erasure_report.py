@@ -5,11 +5,12 @@
         --matrix benchmarks/results/erasure-separable-matrix.json \
         --strengths benchmarks/results/erasure-separable-strength-9.json --sweeps benchmarks/results/sweep-*.json \
         --targets benchmarks/results/erasure-targets.json \
-        --attack-digits benchmarks/results/erasure-separable-attack-digits-*.json
+        --attack-digits benchmarks/results/erasure-separable-attack-digits-*.json \
+        --null-matrices "shipped=benchmarks/results/erasure-null-matrix-pair-terms-rounds-3.json"
 
 Prints Markdown: the leaderboard (and its attack table), the per-digit table of the shipped deltas, the pair
-matrix, the strength sweep, one table per hyper-parameter sweep, the null-target comparison and the per-digit
-attack. Nothing here measures; it only formats.
+matrix, the strength sweep, one table per hyper-parameter sweep, the null-target comparison, the per-digit
+attack and the null-label pair summary. Nothing here measures; it only formats.
 """
 
 from __future__ import annotations

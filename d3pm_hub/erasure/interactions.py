@@ -100,6 +100,15 @@ def interaction_partners(delta: ConceptDelta) -> dict[str, str]:
     return json.loads(delta.metadata.get("interactions", "{}"))
 
 
+def stored_term(delta: ConceptDelta, partner: ConceptDelta, partner_hash: str) -> dict[str, torch.Tensor] | None:
+    """The pair term ``delta`` stores for ``partner`` if it was fitted against the increments hashing to
+    ``partner_hash`` (`increment_hash`), else None (no term, or a stale one)."""
+    key = partner_key(partner)
+    if key in delta.interactions and interaction_partners(delta).get(key) == partner_hash:
+        return delta.interactions[key]
+    return None
+
+
 def interaction_corrections(
     base_parameters: dict[str, torch.Tensor], deltas: list[tuple[ConceptDelta, float]]
 ) -> dict[str, torch.Tensor]:
@@ -118,12 +127,10 @@ def interaction_corrections(
     corrections: dict[str, torch.Tensor] = {}
     rows = None
     for (first, s_first), (second, s_second) in itertools.combinations(deltas, 2):
-        terms = [
-            delta.interactions[partner_key(partner)]
-            for delta, partner in ((first, second), (second, first))
-            if partner_key(partner) in delta.interactions
-            and interaction_partners(delta).get(partner_key(partner)) == hashes[id(partner)]
+        found = [
+            stored_term(delta, partner, hashes[id(partner)]) for delta, partner in ((first, second), (second, first))
         ]
+        terms = [term for term in found if term is not None]
         if not terms or not s_first * s_second:
             continue
         if rows is None:
@@ -248,8 +255,14 @@ def fit_pair_round(
         lr_schedule=settings.lr_schedule,
     )
     model = corrections_model(frozen, names, result.increments)
-    evaluate = [lambda *args: pair_loss(*args, [], single_offsets), lambda *args: pair_loss(*args, [args[1]], offsets)]
-    kl = held_out_kl(model, evaluate, held_out)
+
+    def without_term(model, index: int, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return pair_loss(model, index, x_t, timesteps, [], single_offsets)
+
+    def with_term(model, index: int, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return pair_loss(model, index, x_t, timesteps, [index], offsets)
+
+    kl = held_out_kl(model, [without_term, with_term], held_out)
     terms = added_terms(frozen, deltas, result.increments)
     keys = {"+".join(partner_key(deltas[i]) for i in pair): value for pair, value in zip(pairs, kl, strict=True)}
     return terms, keys, result.seconds
@@ -311,10 +324,7 @@ def refined_settings(deltas: list[ConceptDelta], settings: PairSettings) -> dict
     hashes = [increment_hash(delta) for delta in deltas]
     for i, j in itertools.permutations(range(len(deltas)), 2):
         first, second = deltas[i], deltas[j]
-        if (
-            interaction_partners(first).get(partner_key(second)) != hashes[j]
-            or partner_key(second) not in first.interactions
-        ):
+        if stored_term(first, second, hashes[j]) is None:
             raise ValueError(
                 f"Refining needs every pair's term: the delta of {partner_key(first)} has none fitted against the "
                 f"delta of {partner_key(second)}. Fit them first (train_pair_interactions without refine)."
