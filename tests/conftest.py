@@ -13,6 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from d3pm_hub import D3PMPipeline, D3PMScheduler, D3PMUNet  # noqa: E402
+from d3pm_hub.deltas import ConceptDelta  # noqa: E402
+from d3pm_hub.erasure import erase_separable_jointly, train_pair_interactions  # noqa: E402
 from d3pm_hub.erasure.common import logit_divergence  # noqa: E402
 from d3pm_hub.erasure.posterior import TargetPool, null_label_target  # noqa: E402
 from d3pm_hub.training import TrainConfig, train  # noqa: E402
@@ -66,6 +68,21 @@ def trained(tmp_path_factory) -> D3PMPipeline:
     pipeline = D3PMPipeline.from_pretrained(output / "pipeline")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+PAIR_SETTINGS = dict(steps=90, learning_rate=1e-2, batch_size=8, trajectories=4, eval_trajectories=2)
+
+
+@pytest.fixture(scope="session")
+def singles(trained) -> list[ConceptDelta]:
+    """Jointly trained separable deltas of 4, 7 and 9 on the fixture model."""
+    return erase_separable_jointly(trained, [4, 7, 9], steps=60, null_alpha=1.0, learning_rate=1e-2, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def paired(trained, singles) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
+    """``singles`` with their pair terms (`train_pair_interactions`, one round) and each pair's held-out KL."""
+    return train_pair_interactions(trained, singles, **PAIR_SETTINGS)
 
 
 @torch.no_grad()

@@ -9,22 +9,10 @@ import torch
 
 from d3pm_hub.cards import delta_card
 from d3pm_hub.deltas import FORMAT_VERSION, ConceptDelta, compose_parameters
-from d3pm_hub.erasure import add_erase_arguments, erase_separable_jointly, run_erase, train_pair_interactions
+from d3pm_hub.erasure import add_erase_arguments, run_erase, train_pair_interactions
 from d3pm_hub.erasure.anchors import context_token_table
 
-from .conftest import null_target_mismatch, run_erase_script
-
-PAIR_SETTINGS = dict(steps=90, learning_rate=1e-2, batch_size=8, trajectories=4, eval_trajectories=2)
-
-
-@pytest.fixture(scope="module")
-def singles(trained) -> list[ConceptDelta]:
-    return erase_separable_jointly(trained, [4, 7, 9], steps=60, null_alpha=1.0, learning_rate=1e-2, batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def paired(trained, singles) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
-    return train_pair_interactions(trained, singles, **PAIR_SETTINGS)
+from .conftest import PAIR_SETTINGS, null_target_mismatch, run_erase_script
 
 
 def compose(pipeline, deltas) -> dict[str, torch.Tensor]:
@@ -164,7 +152,7 @@ def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singl
     alone = parser.parse_args(
         ["--method", "separable", "--digits", "4", "7", "--refine", "--model", str(tmp_path / "base")]
     )
-    with pytest.raises(ValueError, match="--refine adds rounds to existing pair terms: name their folder"):
+    with pytest.raises(ValueError, match="--refine and --complete work on existing pair terms: name their folder"):
         run_erase(alone)
 
 

@@ -8,7 +8,7 @@ import torch
 from d3pm_hub import D3PMPipeline
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.erasure.anchors import anchors_of
-from d3pm_hub.erasure.interactions import without_terms
+from d3pm_hub.erasure.on_policy import without_pair_terms
 from d3pm_hub.evaluation import classify, load_classifier
 from d3pm_hub.paths import DEFAULT_PIPELINE, PRETRAINED
 
@@ -71,5 +71,5 @@ class TestShippedDeltas:
             assert set(delta.interactions) == {str(d) for d in range(10) if d != digit}
         two, six = deltas[2], deltas[6]
         with_term = compose_parameters(pipeline.unet, [two, six])
-        without = compose_parameters(pipeline.unet, [without_terms(delta) for delta in (two, six)])
+        without = compose_parameters(pipeline.unet, [without_pair_terms(delta) for delta in (two, six)])
         assert any(not torch.equal(value, without[name]) for name, value in with_term.items())

@@ -8,6 +8,10 @@
         --pair-terms pretrained/deltas/separable --output-dir pretrained/deltas/separable --set steps=4500
     python training/erase.py --method separable --digits 0 1 2 3 4 5 6 7 8 9 \
         --pair-terms pretrained/deltas/separable --refine --set rounds=2 --output-dir pretrained/deltas/separable
+    python training/erase.py --method separable --digits 2 \
+        --single-rounds pretrained/deltas/separable --output-dir pretrained/deltas/separable
+    python training/erase.py --method separable --digits 0 1 2 3 4 5 6 7 8 9 \
+        --pair-terms pretrained/deltas/separable --complete --output-dir pretrained/deltas/separable
 
 Methods are `d3pm_hub.erasure.METHODS`; ``--set KEY=VALUE`` passes their hyper-parameters. The logic lives in
 the library.

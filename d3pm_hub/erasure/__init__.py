@@ -27,6 +27,7 @@ from .esd import erase_esd
 from .inference import INFERENCE_METHODS, InferenceTimeErasurePipeline
 from .interactions import train_pair_interactions
 from .naive import erase_naive
+from .on_policy import refine_singles
 from .separable import erase_separable, erase_separable_jointly
 from .sepme import decoupling_projector, erase_sepme
 
@@ -62,6 +63,7 @@ __all__ = [
     "erase_sepme",
     "erase_separable",
     "erase_separable_jointly",
+    "refine_singles",
     "run_erase",
     "train_pair_interactions",
 ]
@@ -102,6 +104,18 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --pair-terms: keep the pair terms FOLDER's deltas carry and add --set rounds=N on-policy rounds",
     )
+    parser.add_argument(
+        "--complete",
+        action="store_true",
+        help="with --pair-terms: keep the pair terms that still apply and fit only the pairs without one",
+    )
+    parser.add_argument(
+        "--single-rounds",
+        metavar="FOLDER",
+        help="run on-policy rounds on the null-label edits of FOLDER's jointly trained deltas digit-{d}.safetensors "
+        "(--digits) and write them without pair terms to --output-dir (then refit those with --pair-terms "
+        "--complete); --set takes SingleSettings fields (method: separable)",
+    )
     parser.add_argument("--model", default=str(DEFAULT_PIPELINE), help="base pipeline folder or Hub repo id")
     parser.add_argument("--output-dir", default="outputs/deltas", help="writes {output_dir}/digit-{d}.safetensors")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method hyper-parameters")
@@ -128,15 +142,22 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
     base_model = model_name(args.model)
     if args.jointly and args.method not in JOINT_METHODS:
         raise ValueError(f"--jointly needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
-    if args.refine and not args.pair_terms:
-        raise ValueError("--refine adds rounds to existing pair terms: name their folder with --pair-terms.")
+    if (args.refine or args.complete) and not args.pair_terms:
+        raise ValueError("--refine and --complete work on existing pair terms: name their folder with --pair-terms.")
+    folder = args.pair_terms or args.single_rounds
+    if folder and args.method not in JOINT_METHODS:
+        raise ValueError(f"--pair-terms and --single-rounds need a method in {sorted(JOINT_METHODS)}.")
+    if args.pair_terms and args.single_rounds:
+        raise ValueError("Run --single-rounds first, then --pair-terms --complete on its output.")
     groups = [[digit] for digit in args.digits] if args.each else [args.digits]
-    if args.pair_terms:
-        if args.method not in JOINT_METHODS:
-            raise ValueError(f"--pair-terms needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
-        singles = [ConceptDelta.load(Path(args.pair_terms) / f"digit-{digit}.safetensors") for digit in args.digits]
-        erasures, kl = train_pair_interactions(pipeline, singles, refine=args.refine, **hyperparameters)
-        logger.info("Held-out KL of each pair's null label to its target, [before, after]: %s", kl)
+    if folder:
+        singles = [ConceptDelta.load(Path(folder) / f"digit-{digit}.safetensors") for digit in args.digits]
+        if args.single_rounds:
+            erasures, kl = refine_singles(pipeline, singles, **hyperparameters)
+        else:
+            options = dict(refine=args.refine, complete=args.complete)
+            erasures, kl = train_pair_interactions(pipeline, singles, **options, **hyperparameters)
+        logger.info("Held-out KL of each null label to its target, [before, after]: %s", kl)
     elif args.method in INFERENCE_METHODS:
         settings = {"negative_scale": INFERENCE_METHODS[args.method]} | hyperparameters
         erasures = [InferenceTimeErasurePipeline.wrap(pipeline, digits, **settings) for digits in groups]

@@ -13,9 +13,10 @@ second-order ones:
 * `train_pair_interactions` — with the singles frozen, one increment Δ_ab per pair, on the null label's keys and
   values only (projected as the singles are, so no other label moves), fitted to the pair's null-label target:
   KL(p*_{ab} ‖ p_{θ₀+Δa+Δb+Δab}(· | x_t, ∅)) on the states x_t that the pair's null-label samples visit (drawn
-  with both singles applied): where it goes wrong, rather than on noised real digits. Later rounds (DAgger-style,
-  ``PairSettings.rounds``, or ``refine=True`` on deltas that carry terms) redraw those states with the term in
-  place, where the sampler then goes, and fit a correction on top;
+  with both singles applied): where it goes wrong, rather than on noised real digits (`~.on_policy`). Later
+  rounds (DAgger-style, ``PairSettings.rounds``, or ``refine=True`` on deltas that carry terms) redraw those
+  states with the term in place, where the sampler then goes, and fit a correction on top. ``complete=True``
+  fits only the pairs whose term no longer applies (a single changed by `~.on_policy.refine_singles`);
 * storage — Δ_ab changes nothing but the null label's n tokens' keys/values, so each file stores those changes
   M_ab ``(out, n)`` per edited ``attn2.to_k/to_v`` (a few KB per partner; ΔW = M_ab R_∅ with R_∅ the null
   tokens' dual rows, `~.anchors.context_token_rows`) under ``interaction/{partner}/{parameter}``, in both partners'
@@ -29,23 +30,22 @@ Triples and larger sets get every pair term among them (the expansion truncated 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import itertools
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ..deltas import FORMAT_VERSION, ConceptDelta, compose_parameters
-from ..pipeline import DEFAULT_NUM_INFERENCE_STEPS, D3PMPipeline
+from ..deltas import FORMAT_VERSION, ConceptDelta
+from ..pipeline import D3PMPipeline
 from ..unet import D3PMUNet
 from .anchors import context_token_rows
-from .common import ConceptIncrements, frozen_copy, logit_divergence, optimise_increment, select_parameters
-from .posterior import class_posterior, null_label_target
-from .sepme import decoupling_projector
+from .common import frozen_copy
+from .on_policy import RoundSettings, fit_corrections, null_target_settings, without_pair_terms
 
 logger = logging.getLogger(__name__)
 
@@ -155,42 +155,57 @@ def check_term(base_parameters: dict[str, torch.Tensor], name: str, change: torc
 
 
 def train_pair_interactions(
-    pipeline: D3PMPipeline, deltas: list[ConceptDelta], refine: bool = False, **settings
+    pipeline: D3PMPipeline, deltas: list[ConceptDelta], refine: bool = False, complete: bool = False, **settings
 ) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
     """Fit a pair term for every pair of ``deltas`` (jointly trained `separable` singles) and store it in both.
 
     Each round fits each pair's term on the states x_t that null-label samples with both singles (and the pair's
-    term so far) applied pass through (`null_label_states`), to the frozen model's target there (`pair_target`),
-    computed on the fly: round 1 from no term, round r ≥ 2 a correction added to the term of round r − 1.
+    term so far) applied pass through, to the frozen model's target there (`~.on_policy.fit_corrections`): round 1
+    from no term, round r ≥ 2 a correction added to the term of round r − 1.
 
     Args:
         pipeline: the base pipeline the deltas were made for (not modified).
         deltas: single-digit `separable` deltas with the same null-label target settings.
         refine: keep the pair terms the deltas carry (all pairs, fitted together with `train_pair_interactions`)
             and run ``rounds`` more rounds on top of them; otherwise terms they carry are replaced.
-        settings: `PairSettings` fields (with ``refine``, the first round's fields are those the terms record).
+        complete: keep the terms that still apply and fit only the pairs without one (after
+            `~.on_policy.refine_singles` changed a single), with the settings and rounds the kept terms record;
+            each round's steps scale with the share of pairs fitted.
+        settings: `PairSettings` fields (with ``refine``, the first round's fields are those the terms record;
+            with ``complete``, all of them are).
 
-    Returns: copies of the deltas with their pair terms, and the held-out KL of each pair's null label to its
-    target without and with its term, on the last round's states (``{"a+b": [without, with]}``; also stored in
+    Returns: copies of the deltas with their pair terms, and the held-out KL of each fitted pair's null label to
+    its target without and with its term, on the last round's states (``{"a+b": [without, with]}``; also stored in
     each delta's metrics).
 
     Raises:
-        ValueError: deltas that cannot be paired, or (``refine``) deltas without a complete set of pair terms.
+        ValueError: deltas that cannot be paired, or (``refine``, ``complete``) deltas whose terms do not allow it.
     """
+    if refine and complete:
+        raise ValueError("refine adds rounds to every pair's term and complete fits the missing ones: choose one.")
     settings = PairSettings(**settings)
     target_settings = null_target_settings(deltas)
+    if len(deltas) < 2:
+        raise ValueError("Pair terms need two or more single-digit 'separable' deltas (trained with --jointly).")
     more = settings.rounds
-    if refine:
-        recorded = refined_settings(deltas, settings)
+    pairs = list(itertools.combinations(range(len(deltas)), 2))
+    if refine or complete:
+        recorded = refined_settings(deltas, settings) if refine else completed_settings(deltas)
         fields = [field.name for field in dataclasses.fields(PairSettings)]
         settings = PairSettings(**{key: value for key, value in recorded.items() if key in fields})
     else:
         recorded = dataclasses.asdict(settings) | {"seconds": 0.0}
-        deltas = [without_terms(delta) for delta in deltas]
+        deltas = [without_pair_terms(delta) for delta in deltas]
+    if complete:
+        hashes = {partner_key(delta): increment_hash(delta) for delta in deltas}
+        kept = current_terms(deltas)
+        deltas = [with_interactions(delta, terms, hashes) for delta, terms in zip(deltas, kept, strict=True)]
+        pairs = [(i, j) for i, j in pairs if partner_key(deltas[j]) not in deltas[i].interactions]
+        more = recorded["rounds"]
+    kl: dict[str, list[float]] = {}
     frozen = frozen_copy(pipeline)
-    first = recorded["rounds"] - more + 1
-    for round_index in range(first, recorded["rounds"] + 1):
-        terms, kl, seconds = fit_pair_round(pipeline, frozen, deltas, settings, round_index, target_settings)
+    for round_index in range(recorded["rounds"] - more + 1, recorded["rounds"] + 1) if pairs else ():
+        terms, kl, seconds = fit_pair_round(pipeline, frozen, deltas, pairs, settings, round_index, target_settings)
         recorded["seconds"] = round(recorded["seconds"] + seconds, 2)
         deltas = [with_terms(delta, terms[i], deltas, recorded, kl) for i, delta in enumerate(deltas)]
     return deltas, kl
@@ -200,14 +215,17 @@ def fit_pair_round(
     pipeline: D3PMPipeline,
     frozen: D3PMUNet,
     deltas: list[ConceptDelta],
+    pairs: list[tuple[int, int]],
     settings: PairSettings,
     round_index: int,
     target_settings: dict,
 ) -> tuple[list[dict[str, dict[str, torch.Tensor]]], dict[str, list[float]], float]:
-    """One on-policy round: every pair's term plus a correction fitted on the states its current composition visits.
+    """One on-policy round: each of ``pairs``' terms plus a correction fitted on the states its composition visits.
 
-    Returns: each delta's terms by partner (the ``(out, n)`` changes of the null tokens' keys/values), each pair's
-    held-out KL ``[without term, with term]``, and the optimisation's seconds.
+    The round runs ``settings``' steps times the share of all pairs that ``pairs`` are (as many per pair).
+
+    Returns: each delta's terms by partner (the ``(out, n)`` changes of the null tokens' keys/values), each fitted
+    pair's held-out KL ``[without term, with term]``, and the optimisation's seconds.
     """
     first = round_index == 1
     steps, learning_rate, trajectories = (
@@ -215,67 +233,36 @@ def fit_pair_round(
         if first
         else (settings.refine_steps, settings.refine_learning_rate, settings.refine_trajectories)
     )
-    seed = settings.seed + round_index - 1
-    device, null = frozen.device, frozen.null_label
-    names = select_parameters(frozen, "context")
-    pairs = list(itertools.combinations(range(len(deltas)), 2))
-    digits = [[digit for i in pair for digit in deltas[i].concepts] for pair in pairs]
-    generator = torch.Generator().manual_seed(seed)
-    banks, held_out, offsets, single_offsets = pair_state_banks(
-        pipeline, deltas, names, trajectories, settings.eval_trajectories, generator
-    )
-    logger.info(
-        "pair terms, round %d: %d states per pair from %d trajectories", round_index, len(banks[0][0]), trajectories
-    )
-
-    def pair_loss(
-        model, index: int, x_t: torch.Tensor, timesteps: torch.Tensor, groups: list[int], fixed
-    ) -> torch.Tensor:
-        target = pair_target(frozen, x_t, timesteps, digits[index], target_settings)
-        predicted = model(x_t, timesteps, torch.full_like(timesteps, null), groups=groups, offsets=fixed[index])
-        return logit_divergence(predicted, target, "kl")
-
-    def loss_fn(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        index = int(torch.randint(len(pairs), (), generator=generator))
-        states, timesteps = banks[index]
-        batch = torch.randint(len(states), (settings.batch_size,), generator=generator)
-        loss = pair_loss(model, index, states[batch].to(device), timesteps[batch].to(device), [index], offsets)
-        return {"loss": loss, "concept": loss}
-
-    projector = decoupling_projector(frozen, [null]).to(device)
-    result = optimise_increment(
-        frozen,
-        names,
-        loss_fn,
-        steps,
-        learning_rate,
-        project=lambda group, name, increment: (increment.double() @ projector).to(increment.dtype),
-        num_groups=len(pairs),
-        seed=seed,
+    round_settings = RoundSettings(
+        steps=max(1, round(steps * len(pairs) / math.comb(len(deltas), 2))),
+        learning_rate=learning_rate,
+        trajectories=trajectories,
+        batch_size=settings.batch_size,
         lr_schedule=settings.lr_schedule,
+        eval_trajectories=settings.eval_trajectories,
+        seed=settings.seed + round_index - 1,
     )
-    model = corrections_model(frozen, names, result.increments)
-
-    def without_term(model, index: int, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return pair_loss(model, index, x_t, timesteps, [], single_offsets)
-
-    def with_term(model, index: int, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return pair_loss(model, index, x_t, timesteps, [index], offsets)
-
-    kl = held_out_kl(model, [without_term, with_term], held_out)
-    terms = added_terms(frozen, deltas, result.increments)
+    logger.info("pair terms, round %d: %d pairs", round_index, len(pairs))
+    compositions = [[deltas[i], deltas[j]] for i, j in pairs]
+    references = [[without_pair_terms(deltas[i]), without_pair_terms(deltas[j])] for i, j in pairs]
+    corrections, kl, seconds = fit_corrections(
+        pipeline, frozen, compositions, references, round_settings, target_settings
+    )
+    terms = added_terms(frozen, deltas, pairs, corrections)
     keys = {"+".join(partner_key(deltas[i]) for i in pair): value for pair, value in zip(pairs, kl, strict=True)}
-    return terms, keys, result.seconds
+    return terms, keys, seconds
 
 
 def added_terms(
-    frozen: D3PMUNet, deltas: list[ConceptDelta], corrections: list[dict[str, torch.Tensor]]
+    frozen: D3PMUNet,
+    deltas: list[ConceptDelta],
+    pairs: list[tuple[int, int]],
+    corrections: list[dict[str, torch.Tensor]],
 ) -> list[dict[str, dict[str, torch.Tensor]]]:
-    """Each delta's pair terms by partner: the term it carries (if any) plus the pair's fitted correction ΔW,
-    stored as the change ΔW T_∅ᵀ ``(out, n)`` of the null tokens' keys/values (T_∅ ``(n, D)`` their context)."""
+    """Each delta's pair terms by partner: the terms it carries, with each fitted pair's correction ΔW added as
+    the change ΔW T_∅ᵀ ``(out, n)`` of the null tokens' keys/values (T_∅ ``(n, D)`` their context)."""
     null_tokens = context_token_rows(dict(frozen.named_parameters()))[0][-1].cpu()  # (n, D)
-    terms: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in deltas]
-    pairs = itertools.combinations(range(len(deltas)), 2)
+    terms = [dict(delta.interactions) for delta in deltas]
     for (i, j), increments in zip(pairs, corrections, strict=True):
         previous = deltas[i].interactions.get(partner_key(deltas[j]), {})
         changes = {
@@ -286,32 +273,33 @@ def added_terms(
     return terms
 
 
-def pair_state_banks(
-    pipeline: D3PMPipeline,
-    deltas: list[ConceptDelta],
-    names: list[str],
-    trajectories: int,
-    eval_trajectories: int,
-    generator: torch.Generator,
-) -> tuple[list, list, list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
-    """Per pair (in `itertools.combinations` order): the states its null-label samples visit with the pair's
-    current composition (`null_label_states`, ``trajectories`` and ``eval_trajectories`` samples), and the
-    increments of ``names`` over the base with and without its pair term."""
-    device = pipeline.unet.device
-    base = {name: pipeline.unet.get_parameter(name).detach() for name in names}
-
-    def increments(composed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: (composed[name] - base[name]).to(device) for name in names if name in composed}
-
-    banks, held_out, offsets, single_offsets = [], [], [], []
+def current_terms(deltas: list[ConceptDelta]) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Each delta's pair terms that still apply (stored by either partner and fitted against the other's current
+    increments), by partner; stale terms are left out."""
+    hashes = [increment_hash(delta) for delta in deltas]
+    terms: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in deltas]
     for i, j in itertools.combinations(range(len(deltas)), 2):
-        composed = compose_parameters(pipeline.unet, [deltas[i], deltas[j]])  # with the term so far
-        banks.append(null_label_states(pipeline, composed, trajectories, generator))
-        held_out.append(null_label_states(pipeline, composed, eval_trajectories, generator))
-        offsets.append(increments(composed))
-        singles = compose_parameters(pipeline.unet, [without_terms(deltas[i]), without_terms(deltas[j])])
-        single_offsets.append(increments(singles))
-    return banks, held_out, offsets, single_offsets
+        found = stored_term(deltas[i], deltas[j], hashes[j])
+        if found is None:
+            found = stored_term(deltas[j], deltas[i], hashes[i])
+        if found is not None:
+            terms[i][partner_key(deltas[j])] = terms[j][partner_key(deltas[i])] = found
+    return terms
+
+
+def completed_settings(deltas: list[ConceptDelta]) -> dict:
+    """The ``pair_terms`` record the deltas share, for fitting the pairs that lack a term.
+
+    Raises:
+        ValueError: deltas without a record, or with records of different runs.
+    """
+    records = {json.dumps(delta.hyperparameters.get("pair_terms"), sort_keys=True) for delta in deltas}
+    if len(records) != 1 or records == {"null"}:
+        raise ValueError(
+            "Completing pair terms needs deltas whose terms come from one run of train_pair_interactions: "
+            "fit them all again, without complete."
+        )
+    return json.loads(records.pop())
 
 
 def refined_settings(deltas: list[ConceptDelta], settings: PairSettings) -> dict:
@@ -327,7 +315,7 @@ def refined_settings(deltas: list[ConceptDelta], settings: PairSettings) -> dict
         if stored_term(first, second, hashes[j]) is None:
             raise ValueError(
                 f"Refining needs every pair's term: the delta of {partner_key(first)} has none fitted against the "
-                f"delta of {partner_key(second)}. Fit them first (train_pair_interactions without refine)."
+                f"delta of {partner_key(second)}. Fit the missing ones first (train_pair_interactions with complete)."
             )
     records = {json.dumps(delta.hyperparameters.get("pair_terms"), sort_keys=True) for delta in deltas}
     if len(records) != 1:
@@ -342,89 +330,6 @@ def refined_settings(deltas: list[ConceptDelta], settings: PairSettings) -> dict
     return previous | refinement | {"rounds": earlier + settings.rounds}
 
 
-@torch.no_grad()
-def null_label_states(
-    pipeline: D3PMPipeline, parameters: dict[str, torch.Tensor], count: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """States x_t ``(count·(n−1), 1, H, W)`` and their t ``(count·(n−1),)`` that ``count`` null-label samples with
-    ``parameters`` pass through at the pipeline's default sampler (n steps; the pure-noise start left out)."""
-    scheduler = copy.copy(pipeline.scheduler)
-    scheduler.set_timesteps(DEFAULT_NUM_INFERENCE_STEPS)
-    upcoming = scheduler.timesteps.tolist()[1:]  # x_t after step k is the input of step k + 1
-    states: list[torch.Tensor] = []
-
-    def record(_pipeline, index: int, _timestep: int, outputs: dict) -> None:
-        if index < len(upcoming):
-            states.append(outputs["sample"].cpu())
-
-    sampler = D3PMPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
-    sampler.set_progress_bar_config(disable=True)
-    null = [pipeline.unet.null_label] * count
-    sampler(null, generator=generator, output_type="pt", unet_parameters=parameters, callback_on_step_end=record)
-    return torch.cat(states), torch.tensor(upcoming).repeat_interleave(count)
-
-
-@torch.no_grad()
-def pair_target(
-    frozen: D3PMUNet, x_t: torch.Tensor, timesteps: torch.Tensor, digits: list[int], target_settings: dict
-) -> torch.Tensor:
-    """The null label's target logits ``(B, K, H, W)`` with ``digits`` erased, from the frozen model at x_t."""
-    posterior = target_settings["base"] == "posterior"
-    labels = list(range(frozen.null_label)) if posterior else digits
-    every = torch.tensor([*labels, frozen.null_label], device=x_t.device).repeat_interleave(len(x_t))
-    logits = frozen(x_t.repeat(len(labels) + 1, 1, 1, 1), timesteps.repeat(len(labels) + 1), every)
-    log_probs = torch.log_softmax(logits.float(), dim=1).unflatten(0, (len(labels) + 1, len(x_t)))
-    weights = class_posterior(log_probs[-1], log_probs[:-1]) if posterior else None
-    erased = digits if posterior else list(range(len(digits)))
-    return null_label_target(log_probs[-1], log_probs[:-1], weights, erased, **target_settings)
-
-
-def null_target_settings(deltas: list[ConceptDelta]) -> dict:
-    """The null-label target the singles were trained to (`null_label_target` keywords); they must agree."""
-    found = {
-        json.dumps(
-            {
-                "beta": delta.hyperparameters.get("null_alpha", 0.0),
-                "base": delta.hyperparameters.get("null_target", "unconditional"),
-                "sharpness": delta.hyperparameters.get("null_sharpness", 1.0),
-            },
-            sort_keys=True,
-        )
-        for delta in deltas
-    }
-    if len(deltas) < 2 or any(delta.method != "separable" or len(delta.concepts) != 1 for delta in deltas):
-        raise ValueError("Pair terms need two or more single-digit 'separable' deltas (trained with --jointly).")
-    if len(found) != 1:
-        raise ValueError(f"The deltas were trained to different null-label targets ({sorted(found)}): retrain jointly.")
-    return json.loads(found.pop())
-
-
-def corrections_model(frozen: D3PMUNet, names: list[str], increments: list[dict[str, torch.Tensor]]):
-    """A `ConceptIncrements` over ``frozen`` holding the trained ``increments`` (one group per pair)."""
-    model = ConceptIncrements(frozen, names, len(increments))
-    with torch.no_grad():
-        for group, trained in zip(model.increments, increments, strict=True):
-            for parameter, name in zip(group, names, strict=True):
-                parameter.copy_(trained[name])
-    return model
-
-
-@torch.no_grad()
-def held_out_kl(model, losses, held_out) -> list[list[float]]:
-    """Each pair's held-out KL under each of ``losses`` (``loss(model, pair, x_t, t)``): ``[[...], ...]``."""
-    device = model.unet.device
-    return [
-        [round(loss(model, index, x_t.to(device), t.to(device)).item(), 5) for loss in losses]
-        for index, (x_t, t) in enumerate(held_out)
-    ]
-
-
-def without_terms(delta: ConceptDelta) -> ConceptDelta:
-    """The delta's single increments and metadata, without pair terms."""
-    metadata = {key: value for key, value in delta.metadata.items() if key != "interactions"}
-    return ConceptDelta(tensors=dict(delta.tensors), metadata=metadata)
-
-
 def with_terms(
     delta: ConceptDelta,
     terms: dict[str, dict[str, torch.Tensor]],
@@ -435,11 +340,23 @@ def with_terms(
     """A copy of ``delta`` carrying its pair terms, its partners' hashes, the settings and its pairs' KL."""
     partners = {partner_key(other): increment_hash(other) for other in deltas if other is not delta}
     own = partner_key(delta)
-    metrics = delta.metrics | {"pair_kl": {key: value for key, value in kl.items() if own in key.split("+")}}
+    own_kl = {key: value for key, value in kl.items() if own in key.split("+")}
+    metrics = delta.metrics | {"pair_kl": delta.metrics.get("pair_kl", {}) | own_kl}
     metadata = delta.metadata | {
         "format_version": str(FORMAT_VERSION),
         "interactions": json.dumps(partners, sort_keys=True),
         "hyperparameters": json.dumps(delta.hyperparameters | {"pair_terms": recorded}, sort_keys=True, default=str),
         "metrics": json.dumps(metrics, sort_keys=True),
     }
+    return ConceptDelta(tensors=dict(delta.tensors), metadata=metadata, interactions=terms)
+
+
+def with_interactions(
+    delta: ConceptDelta, terms: dict[str, dict[str, torch.Tensor]], hashes: dict[str, str]
+) -> ConceptDelta:
+    """A copy of ``delta`` carrying ``terms`` (partner → parameter → change), recorded as fitted against the
+    partners' content hashes ``hashes`` (partner → `increment_hash`)."""
+    metadata = {key: value for key, value in delta.metadata.items() if key != "interactions"}
+    if terms:
+        metadata["interactions"] = json.dumps({partner: hashes[partner] for partner in terms}, sort_keys=True)
     return ConceptDelta(tensors=dict(delta.tensors), metadata=metadata, interactions=terms)
