@@ -4,11 +4,12 @@
 
 For each digit d: the delta is made with ``SETTINGS[method]`` (``benchmarks/erasure.py``) — with ``--jointly``, all
 digits' deltas at once by the method's joint variant with ``JOINT_SETTINGS[method]``, then their pair terms with
-``PAIR_SETTINGS[method]`` — saved in fp16 to
+``PAIR_SETTINGS[method]``, then single rounds for ``SINGLE_ROUNDS[method]`` — saved in fp16 to
 ``pretrained/deltas/{method}/digit-{d}.safetensors``, loaded back, and measured at the pipeline's default sampler
-settings: label d (``--samples``), the null label (``--samples``) and every other digit (``--other-samples`` each).
-The metrics (rate of d among label-d and null-label samples, confidence, what label d becomes, other digits'
-accuracy) are written into the delta's ``metrics`` metadata (shown by its model card) and to ``--output``.
+settings: label d (``--samples``), the null label (``--null-samples``, default ``--samples``) and every other
+digit (``--other-samples`` each). The metrics (rate of d among label-d and null-label samples, confidence, what
+label d becomes, other digits' accuracy) are written into the delta's ``metrics`` metadata (shown by its model
+card) and to ``--output``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from erasure import NULL, SETTINGS, load_models, predictions, rate  # benchmarks/erasure.py
 
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
-from d3pm_hub.erasure import JOINT_METHODS, METHODS, train_pair_interactions
+from d3pm_hub.erasure import JOINT_METHODS, METHODS, refine_singles, train_pair_interactions
 from d3pm_hub.paths import PRETRAINED
 from d3pm_hub.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
 
@@ -34,12 +35,28 @@ JOINT_SETTINGS = {
 # Then a pair term for each of the 45 pairs (`train_pair_interactions`): ~100 steps each, then two on-policy rounds
 # of ~67 steps each (the shipped files ran round 1, were saved in fp16, then `--refine --set rounds=2`).
 PAIR_SETTINGS = {"separable": dict(steps=4500, rounds=3)}
-TRAINING_METRICS = ("erase_seconds", "final_loss", "steps_run", "pair_kl")  # kept when a delta is re-measured
+# Then on-policy single rounds (`refine_singles`, default settings) for the digits whose null rate stayed over 1% at
+# 400 samples (2: 0.025), and their pair terms refitted (`complete=True`).
+SINGLE_ROUNDS = {"separable": [2]}
+TRAINING_METRICS = (
+    "erase_seconds",
+    "final_loss",
+    "steps_run",
+    "pair_kl",
+    "single_kl",
+)  # kept when a delta is re-measured
 
 
-def measure(pipeline, classifier, digit, parameters, samples, other_samples, seed=0) -> dict:
-    """Rates and confidences of ``digit``'s label, the null label and the other digits with ``parameters``."""
-    result = predictions(pipeline, classifier, parameters, [digit, NULL], samples, seed=seed)
+def measure(pipeline, classifier, digit, parameters, samples, other_samples, null_samples=None, seed=0) -> dict:
+    """Rates and confidences of ``digit``'s label, the null label and the other digits with ``parameters``.
+
+    With ``null_samples`` the null label is drawn on its own, 100 at a time (the samples of
+    ``erasure_null_matrix.py``'s single-delta rows); otherwise together with ``digit``'s label.
+    """
+    labels = [digit, NULL] if null_samples is None else [digit]
+    result = predictions(pipeline, classifier, parameters, labels, samples, seed=seed)
+    if null_samples is not None:
+        result |= predictions(pipeline, classifier, parameters, [NULL], null_samples, seed=seed, batch_size=100)
     others = [d for d in range(10) if d != digit]
     other = predictions(pipeline, classifier, parameters, others, other_samples, seed=seed)
     other_accuracy = {d: rate(other, d, d) for d in others}
@@ -52,7 +69,7 @@ def measure(pipeline, classifier, digit, parameters, samples, other_samples, see
         "other_digits_accuracy": sum(other_accuracy.values()) / len(others),
         "other_digits_min_accuracy": min(other_accuracy.values()),
         "accuracy_per_label": [round(other_accuracy[d], 3) if d != digit else None for d in range(10)],
-        "samples": {"erased_label": samples, "null_label": samples, "each_other_digit": other_samples},
+        "samples": {"erased_label": samples, "null_label": null_samples or samples, "each_other_digit": other_samples},
         "sampler": {"num_inference_steps": DEFAULT_NUM_INFERENCE_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE},
     }
 
@@ -63,6 +80,7 @@ def main() -> None:
     parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--other-samples", type=int, default=5)
+    parser.add_argument("--null-samples", type=int, default=None, help="null-label samples (default: --samples)")
     parser.add_argument("--reuse", action="store_true", help="measure existing delta files instead of remaking them")
     parser.add_argument("--jointly", action="store_true", help="make the digits' deltas together (JOINT_METHODS)")
     parser.add_argument("--output", default=None)
@@ -83,6 +101,11 @@ def main() -> None:
     if args.jointly and not args.reuse:
         made = JOINT_METHODS[args.method](pipeline, args.digits, base_model=BASE, **JOINT_SETTINGS[args.method])
         made, _ = train_pair_interactions(pipeline, made, **PAIR_SETTINGS[args.method])
+        refined = [delta for delta in made if delta.concepts[0] in SINGLE_ROUNDS[args.method]]
+        if refined:
+            refined = {delta.concepts[0]: delta for delta in refine_singles(pipeline, refined)[0]}
+            made = [refined.get(delta.concepts[0], delta) for delta in made]
+            made, _ = train_pair_interactions(pipeline, made, complete=True)
         for delta in made:
             delta.save(folder / f"digit-{delta.concepts[0]}.safetensors")
     for digit in args.digits:
@@ -102,6 +125,7 @@ def main() -> None:
                 compose_parameters(pipeline.unet, [delta]),
                 args.samples,
                 args.other_samples,
+                args.null_samples,
             )
         )
         delta.metadata["metrics"] = json.dumps(metrics, sort_keys=True)
