@@ -4,12 +4,13 @@
         --output benchmarks/results/erasure-null-matrix.json [--part 0 --parts 2]
 
 Each of the 10 singles and 45 pairs (or each of ``--sets``, e.g. triples ``0+2+6``): ``--samples`` null-label
-images (seed 0, default sampler) with the deltas composed, read by the shipped classifier: the rate of every digit
-and the mean confidence. ``benchmarks/erasure_compose.py --matrix`` measures the pairs' labels and restores too, at
-about ten times the cost. ``--part i --parts n`` measures every n-th set from the i-th (run n processes, then merge
-their ``null_label`` entries). ``--same-as RESULTS FOLDER`` re-measures a folder whose deltas changed only in part
-(e.g. one digit's single rounds and its refitted pair terms): sets whose composed weights are bitwise those of
-FOLDER's deltas would draw the same samples, so RESULTS' rows are copied for them (marked ``copied_from``).
+images (``--seed``, default 0; default sampler) with the deltas composed, read by the shipped classifier: the rate
+of every digit and the mean confidence. ``benchmarks/erasure_compose.py --matrix`` measures the pairs' labels and
+restores too, at about ten times the cost. ``--part i --parts n`` measures every n-th set from the i-th (run n
+processes, then merge their ``null_label`` entries). ``--same-as RESULTS FOLDER`` re-measures a folder whose deltas
+changed only in part (e.g. one digit's single rounds and its refitted pair terms): sets whose composed weights are
+bitwise those of FOLDER's deltas would draw the same samples, so RESULTS' rows are copied for them (marked
+``copied_from``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
         help="images per sampler call; the first calls' samples do not depend on --samples (100 at a time is also "
         "faster on the CPU than one call of 500)",
     )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (a fresh one re-checks cells chosen at 0)")
     parser.add_argument("--part", type=int, default=0)
     parser.add_argument("--parts", type=int, default=1)
     parser.add_argument("--sets", nargs="*", default=[], help="erase these sets instead, e.g. 0+2+6 (any size)")
@@ -43,8 +45,8 @@ def main() -> None:
         "--same-as",
         nargs=2,
         metavar=("RESULTS", "FOLDER"),
-        help="copy RESULTS' row (measured on FOLDER's deltas at the same --samples and --batch-size) for each set "
-        "whose composed weights are bitwise those of FOLDER's deltas, so only sets that changed are sampled",
+        help="copy RESULTS' row (measured on FOLDER's deltas at the same --samples, --batch-size and --seed) for "
+        "each set whose composed weights are bitwise those of FOLDER's deltas, so only sets that changed are sampled",
     )
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
@@ -53,8 +55,9 @@ def main() -> None:
     earlier, earlier_deltas = {}, {}
     if args.same_as:
         earlier_report = json.loads(Path(args.same_as[0]).read_text())
-        if (earlier_report["args"]["samples"], earlier_report["args"]["batch_size"]) != (args.samples, args.batch_size):
-            raise ValueError(f"{args.same_as[0]} was measured with other --samples or --batch-size.")
+        measured = [earlier_report["args"].get(key, 0) for key in ("samples", "batch_size", "seed")]
+        if measured != [args.samples, args.batch_size, args.seed]:
+            raise ValueError(f"{args.same_as[0]} was measured with other --samples, --batch-size or --seed.")
         earlier, earlier_deltas = earlier_report["null_label"], load_folder(args.same_as[1])
     sets = [(d,) for d in range(10)] + list(itertools.combinations(range(10), 2))
     if args.sets:
@@ -68,7 +71,9 @@ def main() -> None:
         ):
             row = earlier[key] | {"copied_from": args.same_as[0]}
         else:
-            result = predictions(pipeline, classifier, parameters, [NULL], args.samples, batch_size=args.batch_size)
+            result = predictions(
+                pipeline, classifier, parameters, [NULL], args.samples, seed=args.seed, batch_size=args.batch_size
+            )
             row = {"rates": histogram(result, NULL), "confidence": result[NULL][1].mean().item()}
         report["null_label"][key] = row
         Path(args.output).write_text(json.dumps(report, indent=1))
