@@ -58,6 +58,8 @@ def test_more_single_rounds_continue_the_seeds_and_refuse_mixed_histories(traine
     (again,), _ = refine_singles(trained, [seven], **SINGLE_SETTINGS)
     assert again.hyperparameters["single_rounds"]["rounds"] == 2
     assert any(not torch.equal(again.tensors[name], value) for name, value in seven.tensors.items())
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        refine_singles(trained, [seven], **SINGLE_SETTINGS | {"rounds": 0})
     with pytest.raises(ValueError, match="as many single rounds before, got \\[0, 1\\]"):
         refine_singles(trained, [singles[0], seven], **SINGLE_SETTINGS)
     naive = copy.deepcopy(singles[0])

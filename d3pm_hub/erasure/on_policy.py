@@ -91,15 +91,19 @@ def refine_singles(
     Args:
         pipeline: the base pipeline the deltas were made for (not modified).
         deltas: single-digit `~.separable` deltas with the same null-label target settings.
-        settings: `SingleSettings` fields; more rounds on deltas refined before continue their seeds.
+        settings: `SingleSettings` fields; more rounds on deltas refined before continue their seeds (the record
+            then holds the latest settings and the total rounds and seconds).
 
     Returns: the refined deltas and each digit's held-out KL to its target ``[before, after]`` on the last round's
     states (``{"2": [...]}``; also stored in each delta's metrics as ``single_kl``).
 
     Raises:
-        ValueError: deltas other than single-digit separable ones, with different targets or earlier rounds.
+        ValueError: no rounds, or deltas other than single-digit separable ones, with different targets or
+            different numbers of earlier rounds.
     """
     settings = SingleSettings(**settings)
+    if settings.rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {settings.rounds}.")
     target_settings = null_target_settings(deltas)
     earlier = {delta.hyperparameters.get("single_rounds", {}).get("rounds", 0) for delta in deltas}
     if len(earlier) != 1:
