@@ -38,13 +38,8 @@ PAIR_SETTINGS = {"separable": dict(steps=4500, rounds=3)}
 # Then on-policy single rounds (`refine_singles`, default settings) for the digits whose null rate stayed over 1% at
 # 400 samples (2: 0.025), and their pair terms refitted (`complete=True`).
 SINGLE_ROUNDS = {"separable": [2]}
-TRAINING_METRICS = (
-    "erase_seconds",
-    "final_loss",
-    "steps_run",
-    "pair_kl",
-    "single_kl",
-)  # kept when a delta is re-measured
+# Kept when a delta is re-measured.
+TRAINING_METRICS = ("erase_seconds", "final_loss", "steps_run", "pair_kl", "single_kl")
 
 
 def measure(pipeline, classifier, digit, parameters, samples, other_samples, null_samples=None, seed=0) -> dict:

@@ -146,7 +146,9 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
         raise ValueError("--refine and --complete work on existing pair terms: name their folder with --pair-terms.")
     folder = args.pair_terms or args.single_rounds
     if folder and args.method not in JOINT_METHODS:
-        raise ValueError(f"--pair-terms and --single-rounds need a method in {sorted(JOINT_METHODS)}.")
+        raise ValueError(
+            f"--pair-terms and --single-rounds need a method in {sorted(JOINT_METHODS)}, got {args.method!r}."
+        )
     if args.pair_terms and args.single_rounds:
         raise ValueError("Run --single-rounds first, then --pair-terms --complete on its output.")
     groups = [[digit] for digit in args.digits] if args.each else [args.digits]

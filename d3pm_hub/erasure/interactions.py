@@ -190,7 +190,7 @@ def train_pair_interactions(
     more = settings.rounds
     pairs = list(itertools.combinations(range(len(deltas)), 2))
     if refine or complete:
-        recorded = refined_settings(deltas, settings) if refine else completed_settings(deltas)
+        recorded = refined_settings(deltas, settings) if refine else shared_record(deltas)
         fields = [field.name for field in dataclasses.fields(PairSettings)]
         settings = PairSettings(**{key: value for key, value in recorded.items() if key in fields})
     else:
@@ -287,8 +287,8 @@ def current_terms(deltas: list[ConceptDelta]) -> list[dict[str, dict[str, torch.
     return terms
 
 
-def completed_settings(deltas: list[ConceptDelta]) -> dict:
-    """The ``pair_terms`` record the deltas share, for fitting the pairs that lack a term.
+def shared_record(deltas: list[ConceptDelta]) -> dict:
+    """The ``pair_terms`` record the deltas share (the run their terms were fitted in).
 
     Raises:
         ValueError: deltas without a record, or with records of different runs.
@@ -296,8 +296,8 @@ def completed_settings(deltas: list[ConceptDelta]) -> dict:
     records = {json.dumps(delta.hyperparameters.get("pair_terms"), sort_keys=True) for delta in deltas}
     if len(records) != 1 or records == {"null"}:
         raise ValueError(
-            "Completing pair terms needs deltas whose terms come from one run of train_pair_interactions: "
-            "fit them all again, without complete."
+            "Refining and completing need deltas whose pair terms come from one run of train_pair_interactions: "
+            "fit them all again together, without refine or complete."
         )
     return json.loads(records.pop())
 
@@ -317,10 +317,7 @@ def refined_settings(deltas: list[ConceptDelta], settings: PairSettings) -> dict
                 f"Refining needs every pair's term: the delta of {partner_key(first)} has none fitted against the "
                 f"delta of {partner_key(second)}. Fit the missing ones first (train_pair_interactions with complete)."
             )
-    records = {json.dumps(delta.hyperparameters.get("pair_terms"), sort_keys=True) for delta in deltas}
-    if len(records) != 1:
-        raise ValueError("The deltas' pair terms come from different runs: fit them again together, without refine.")
-    previous = json.loads(records.pop())
+    previous = shared_record(deltas)
     refinement = {
         key: getattr(settings, key) for key in ("refine_steps", "refine_learning_rate", "refine_trajectories")
     }

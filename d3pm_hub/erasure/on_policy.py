@@ -112,8 +112,8 @@ def refine_singles(
     frozen = frozen_copy(pipeline)
     deltas = [without_pair_terms(delta) for delta in deltas]
     seconds = [delta.hyperparameters.get("single_rounds", {}).get("seconds", 0.0) for delta in deltas]
+    fields = {field.name for field in dataclasses.fields(RoundSettings)}
     for round_index in range(done + 1, done + settings.rounds + 1):
-        fields = {field.name for field in dataclasses.fields(RoundSettings)}
         round_settings = RoundSettings(
             **{key: value for key, value in dataclasses.asdict(settings).items() if key in fields}
             | {"steps": settings.steps * len(deltas), "seed": settings.seed + round_index - 1}
@@ -158,13 +158,15 @@ def fit_corrections(
     names = select_parameters(frozen, "context")
     erased = [[digit for delta in composition for digit in delta.concepts] for composition in compositions]
     generator = torch.Generator().manual_seed(settings.seed)
-    banks, held_out = [], []
+    banks, held_out, offsets = [], [], []
     for composition in compositions:
         composed = compose_parameters(pipeline.unet, composition)
         banks.append(null_label_states(pipeline, composed, settings.trajectories, generator))
         held_out.append(null_label_states(pipeline, composed, settings.eval_trajectories, generator))
-    offsets = [increments_of(pipeline, composition, names) for composition in compositions]
-    reference_offsets = [increments_of(pipeline, reference, names) for reference in references]
+        offsets.append(increments_over_base(pipeline, composed, names))
+    reference_offsets = [
+        increments_over_base(pipeline, compose_parameters(pipeline.unet, reference), names) for reference in references
+    ]
     logger.info("on-policy round: %d states per composition", len(banks[0][0]))
 
     def loss(model, index: int, x_t, timesteps, groups: list[int], fixed: list[dict]) -> torch.Tensor:
@@ -202,9 +204,10 @@ def fit_corrections(
     return result.increments, held_out_kl(model, [before, after], held_out), result.seconds
 
 
-def increments_of(pipeline: D3PMPipeline, deltas: list[ConceptDelta], names: list[str]) -> dict[str, torch.Tensor]:
-    """The composition's increments over the base weights of ``names`` (pair terms included)."""
-    composed = compose_parameters(pipeline.unet, deltas)
+def increments_over_base(
+    pipeline: D3PMPipeline, composed: dict[str, torch.Tensor], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Composed weights (`~d3pm_hub.deltas.compose_parameters`) of ``names`` minus the base weights."""
     return {
         name: (composed[name] - pipeline.unet.get_parameter(name).detach()).to(pipeline.unet.device)
         for name in names
@@ -296,11 +299,11 @@ def without_pair_terms(delta: ConceptDelta) -> ConceptDelta:
 
 
 def add_increments(delta: ConceptDelta, increments: dict[str, torch.Tensor]) -> ConceptDelta:
-    """A copy of ``delta`` (without pair terms) whose increments have ``increments`` added."""
+    """A copy of ``delta`` (already without pair terms) whose increments have ``increments`` added."""
     tensors = dict(delta.tensors)
     for name, value in increments.items():
         tensors[name] = (tensors[name].float() if name in tensors else 0) + value.detach().float().cpu()
-    return ConceptDelta(tensors=tensors, metadata=without_pair_terms(delta).metadata)
+    return ConceptDelta(tensors=tensors, metadata=dict(delta.metadata))
 
 
 def with_records(delta: ConceptDelta, hyperparameters: dict, metrics: dict) -> ConceptDelta:
