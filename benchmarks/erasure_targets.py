@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=1 python benchmarks/erasure_targets.py --sets 2+6 0+2 1+8 --scales 1 2 \
         --output benchmarks/results/erasure-targets.json
+    OMP_NUM_THREADS=1 python benchmarks/erasure_targets.py --sets 0+7 --scales 2 4 --combine mixture \
+        --samples 400 --batch-size 100 --output benchmarks/results/erasure-targets-0-7.json
 
 Samples the base model's null label under inference-time negative guidance away from each set S
 (`InferenceTimeErasurePipeline` with ``combine`` = sum or mixture and scale β — `guide_away`) at the default sampler
-settings and reads the samples with the shipped classifier: the rate of each digit of S. This is exactly the
-distribution the `separable` null-label edit is distilled towards (`joint_negative_guidance`, mixture), sampled
-without any distillation error.
+settings (``--batch-size`` images per call, as in `erasure_null_matrix.py`) and reads the samples with the shipped
+classifier: the rate of each digit of S. This is exactly the distribution the `separable` null-label edit is
+distilled towards (`joint_negative_guidance`, mixture), sampled without any distillation error.
 """
 
 from __future__ import annotations
@@ -26,18 +28,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["2+6", "0+2", "1+8"], help="digit sets, e.g. 2+6")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument("--combine", nargs="+", choices=NEGATIVE_GUIDANCE, default=list(NEGATIVE_GUIDANCE))
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per sampler call (see sample_images)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     pipeline, classifier = load_models()
     report = {"args": vars(args), "rates": {}}
     for erased in args.sets:
         digits = [int(d) for d in erased.split("+")]
-        for combine in NEGATIVE_GUIDANCE:
+        for combine in args.combine:
             for scale in args.scales:
                 guided = InferenceTimeErasurePipeline.wrap(pipeline, digits, negative_scale=scale, combine=combine)
                 guided.set_progress_bar_config(disable=True)
-                result = predictions(guided, classifier, None, [NULL], args.samples)
+                result = predictions(guided, classifier, None, [NULL], args.samples, batch_size=args.batch_size)
                 rates = [rate(result, NULL, d) for d in digits]
                 report["rates"].setdefault(erased, {}).setdefault(combine, {})[str(scale)] = rates
                 Path(args.output).write_text(json.dumps(report, indent=1))

@@ -130,6 +130,16 @@ def test_refining_fits_a_further_on_policy_round_on_top_of_the_terms(trained, si
         train_pair_interactions(trained, singles, refine=True, **REFINE_SETTINGS)
 
 
+def test_refining_to_a_stronger_pair_target_records_each_rounds_beta(trained, paired):
+    deltas, _ = paired
+    stronger, _ = train_pair_interactions(trained, deltas, refine=True, **REFINE_SETTINGS, null_alpha=3.0)
+    assert stronger[1].hyperparameters["pair_terms"]["null_alphas"] == [1.0, 3.0]
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        digits = deltas[i].concepts + deltas[j].concepts
+        weaker = null_target_mismatch(trained, compose(trained, [deltas[i], deltas[j]]), digits, beta=3.0)
+        assert null_target_mismatch(trained, compose(trained, [stronger[i], stronger[j]]), digits, beta=3.0) < weaker
+
+
 def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singles, tmp_path):
     for delta in singles:
         delta.save(tmp_path / "joint" / f"digit-{delta.concepts[0]}.safetensors")
@@ -143,6 +153,7 @@ def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singl
     refined = ConceptDelta.load(tmp_path / "deltas" / "digit-7.safetensors")
     assert refined.hyperparameters["pair_terms"] | {"seconds": 0} == written.hyperparameters["pair_terms"] | {
         "rounds": 2,
+        "null_alphas": [1.0, 1.0],
         "refine_steps": 2,
         "refine_trajectories": 1,
         "seconds": 0,

@@ -9,7 +9,7 @@ import torch
 
 from d3pm_hub.cards import delta_card
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
-from d3pm_hub.erasure import add_erase_arguments, refine_singles, run_erase, train_pair_interactions
+from d3pm_hub.erasure import add_erase_arguments, interactions, refine_singles, run_erase, train_pair_interactions
 from d3pm_hub.erasure.anchors import context_token_table
 
 from .conftest import null_target_mismatch, run_erase_script
@@ -93,6 +93,20 @@ def test_completing_refits_only_the_pairs_whose_term_went_stale(trained, paired,
         trained, completed, refine=True, rounds=1, refine_steps=30, refine_trajectories=2
     )
     assert refined[0].hyperparameters["pair_terms"]["rounds"] == 2
+
+
+def test_completing_replays_each_recorded_rounds_target(trained, paired, monkeypatch):
+    deltas, _ = paired
+    refine = dict(rounds=1, refine_steps=30, refine_trajectories=2, null_alpha=3.0)
+    stronger, _ = train_pair_interactions(trained, deltas, refine=True, **refine)
+    (seven,), _ = refine_singles(trained, [stronger[1]], **SINGLE_SETTINGS)
+    betas, fit_pair_round = [], interactions.fit_pair_round
+    monkeypatch.setattr(
+        interactions, "fit_pair_round", lambda *args: betas.append(args[-1]["beta"]) or fit_pair_round(*args)
+    )
+    completed, kl = train_pair_interactions(trained, [stronger[0], seven, stronger[2]], complete=True)
+    assert betas == [1.0, 3.0] and set(kl) == {"4+7", "7+9"}
+    assert completed[1].hyperparameters["pair_terms"]["null_alphas"] == [1.0, 3.0]
 
 
 def test_completing_and_refining_refuse_what_they_cannot_do(trained, singles, paired, refined_seven):

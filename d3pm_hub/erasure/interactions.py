@@ -66,6 +66,10 @@ class PairSettings:
             where the sampler now goes, and fits a correction on top of the term, with the ``refine_*`` settings.
         refine_steps, refine_learning_rate, refine_trajectories: ``steps``, ``learning_rate`` and
             ``trajectories`` of the rounds after the first.
+        null_alpha: β of the pairs' null-label target (guidance away from the pair's mixture,
+            `~.posterior.null_label_target`) in this run's rounds; None: the singles' β. A pair may need more
+            than a single: sampled exactly, the mixture at the singles' β = 2 lets 7 back in 4% of 0+7's null
+            samples. The record keeps each round's β (``null_alphas``), so refining can change it.
     """
 
     steps: int = 4500
@@ -79,6 +83,7 @@ class PairSettings:
     refine_steps: int = 3000
     refine_learning_rate: float = 1.5e-3
     refine_trajectories: int = 64
+    null_alpha: float | None = None
 
 
 def partner_key(delta: ConceptDelta) -> str:
@@ -171,8 +176,9 @@ def train_pair_interactions(
         complete: keep the terms that still apply and fit only the pairs without one (after
             `~.on_policy.refine_singles` changed a single), with the settings and rounds the kept terms record;
             each round's steps scale with the share of pairs fitted.
-        settings: `PairSettings` fields (with ``refine``, the first round's fields are those the terms record;
-            with ``complete``, all of them are).
+        settings: `PairSettings` fields (with ``refine``, the first round's fields are those the terms record and
+            ``null_alpha`` may differ from the earlier rounds'; with ``complete``, all of them are recorded, each
+            round's target β included).
 
     Returns: copies of the deltas with their pair terms, and the held-out KL of each fitted pair's null label to
     its target without and with its term, on the last round's states (``{"a+b": [without, with]}``; also stored in
@@ -189,13 +195,16 @@ def train_pair_interactions(
         raise ValueError("Pair terms need two or more single-digit 'separable' deltas (trained with --jointly).")
     more = settings.rounds
     pairs = list(itertools.combinations(range(len(deltas)), 2))
+    alpha = target_settings["beta"] if settings.null_alpha is None else settings.null_alpha
     if refine or complete:
-        recorded = refined_settings(deltas, settings) if refine else shared_record(deltas)
+        recorded = refined_settings(deltas, settings, alpha) if refine else shared_record(deltas)
         fields = [field.name for field in dataclasses.fields(PairSettings)]
         settings = PairSettings(**{key: value for key, value in recorded.items() if key in fields})
     else:
-        recorded = dataclasses.asdict(settings) | {"seconds": 0.0}
+        recorded = dataclasses.asdict(settings) | {"null_alphas": [alpha] * more, "seconds": 0.0}
+        del recorded["null_alpha"]  # each round's β is in null_alphas
         deltas = [without_pair_terms(delta) for delta in deltas]
+    alphas = round_alphas(recorded, target_settings)
     if complete:
         hashes = {partner_key(delta): increment_hash(delta) for delta in deltas}
         kept = current_terms(deltas)
@@ -205,7 +214,8 @@ def train_pair_interactions(
     kl: dict[str, list[float]] = {}
     frozen = frozen_copy(pipeline)
     for round_index in range(recorded["rounds"] - more + 1, recorded["rounds"] + 1) if pairs else ():
-        terms, kl, seconds = fit_pair_round(pipeline, frozen, deltas, pairs, settings, round_index, target_settings)
+        target = target_settings | {"beta": alphas[round_index - 1]}
+        terms, kl, seconds = fit_pair_round(pipeline, frozen, deltas, pairs, settings, round_index, target)
         recorded["seconds"] = round(recorded["seconds"] + seconds, 2)
         deltas = [with_terms(delta, terms[i], deltas, recorded, kl) for i, delta in enumerate(deltas)]
     return deltas, kl
@@ -302,8 +312,9 @@ def shared_record(deltas: list[ConceptDelta]) -> dict:
     return json.loads(records.pop())
 
 
-def refined_settings(deltas: list[ConceptDelta], settings: PairSettings) -> dict:
-    """The ``pair_terms`` record after ``settings.rounds`` more rounds on the terms ``deltas`` carry.
+def refined_settings(deltas: list[ConceptDelta], settings: PairSettings, alpha: float) -> dict:
+    """The ``pair_terms`` record after ``settings.rounds`` more rounds, to the target of β = ``alpha``, on the terms
+    ``deltas`` carry.
 
     Raises:
         ValueError: a pair without a term fitted against its partner's current increments, deltas whose terms
@@ -324,7 +335,13 @@ def refined_settings(deltas: list[ConceptDelta], settings: PairSettings) -> dict
     earlier = previous.get("rounds", 1)
     if earlier > 1 and any(previous.get(key) != value for key, value in refinement.items()):
         raise ValueError(f"Earlier rounds were refined with {previous}; refine again with the same refine_* settings.")
-    return previous | refinement | {"rounds": earlier + settings.rounds}
+    alphas = round_alphas(previous, null_target_settings(deltas)) + [alpha] * settings.rounds
+    return previous | refinement | {"rounds": earlier + settings.rounds, "null_alphas": alphas}
+
+
+def round_alphas(record: dict, target_settings: dict) -> list[float]:
+    """Each recorded round's pair-target β (records written before ``null_alphas`` used the singles' β)."""
+    return record.get("null_alphas") or [target_settings["beta"]] * record.get("rounds", 1)
 
 
 def with_terms(
