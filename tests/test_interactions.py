@@ -134,6 +134,8 @@ def test_refining_to_a_stronger_pair_target_records_each_rounds_beta(trained, pa
     deltas, _ = paired
     stronger, _ = train_pair_interactions(trained, deltas, refine=True, **REFINE_SETTINGS, null_alpha=3.0)
     assert stronger[1].hyperparameters["pair_terms"]["null_alphas"] == [1.0, 3.0]
+    card = str(delta_card(stronger[1], "deltas/separable/digit-7.safetensors"))
+    assert "guidance away from the pair's mixture, β = 1.0, 3.0 in successive rounds" in card
     for i, j in ((0, 1), (0, 2), (1, 2)):
         digits = deltas[i].concepts + deltas[j].concepts
         weaker = null_target_mismatch(trained, compose(trained, [deltas[i], deltas[j]]), digits, beta=3.0)
