@@ -2,8 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/erasure_targets.py --sets 2+6 0+2 1+8 --scales 1 2 \
         --output benchmarks/results/erasure-targets.json
-    OMP_NUM_THREADS=1 python benchmarks/erasure_targets.py --sets 0+7 --scales 2 4 --combine mixture \
-        --samples 400 --batch-size 100 --output benchmarks/results/erasure-targets-0-7.json
+    OMP_NUM_THREADS=1 python benchmarks/erasure_targets.py --sets 0+7 2+6 1+8 --scales 2 --combine mixture \
+        --samples 400 --batch-size 100 --output benchmarks/results/erasure-targets-400.json
 
 Samples the base model's null label under inference-time negative guidance away from each set S
 (`InferenceTimeErasurePipeline` with ``combine`` = sum or mixture and scale β — `guide_away`) at the default sampler

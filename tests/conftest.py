@@ -85,6 +85,15 @@ def paired(trained, singles) -> tuple[list[ConceptDelta], dict[str, list[float]]
     return train_pair_interactions(trained, singles, **PAIR_SETTINGS)
 
 
+REFINE_SETTINGS = dict(rounds=1, refine_steps=60, refine_learning_rate=1e-2, refine_trajectories=4)
+
+
+@pytest.fixture(scope="session")
+def stronger(trained, paired) -> list[ConceptDelta]:
+    """``paired``'s deltas after one more pair round to a stronger target (β = 3; the singles' is 1)."""
+    return train_pair_interactions(trained, paired[0], refine=True, **REFINE_SETTINGS, null_alpha=3.0)[0]
+
+
 @torch.no_grad()
 def null_target_mismatch(pipeline, parameters, digits, **target) -> float:
     """KL(p* ‖ edited null label) in nats per pixel on noised real digits; p* the ``null_label_target`` of

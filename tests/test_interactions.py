@@ -12,7 +12,7 @@ from d3pm_hub.deltas import FORMAT_VERSION, ConceptDelta, compose_parameters
 from d3pm_hub.erasure import add_erase_arguments, run_erase, train_pair_interactions
 from d3pm_hub.erasure.anchors import context_token_table
 
-from .conftest import PAIR_SETTINGS, null_target_mismatch, run_erase_script
+from .conftest import PAIR_SETTINGS, REFINE_SETTINGS, null_target_mismatch, run_erase_script
 
 
 def compose(pipeline, deltas) -> dict[str, torch.Tensor]:
@@ -108,9 +108,6 @@ def test_pair_training_refuses_deltas_it_cannot_pair(trained, singles):
         train_pair_interactions(trained, [singles[0], other_target], steps=1)
 
 
-REFINE_SETTINGS = dict(rounds=1, refine_steps=60, refine_learning_rate=1e-2, refine_trajectories=4)
-
-
 def test_refining_fits_a_further_on_policy_round_on_top_of_the_terms(trained, singles, paired):
     deltas, _ = paired
     refined, kl = train_pair_interactions(trained, deltas, refine=True, **REFINE_SETTINGS)
@@ -130,9 +127,8 @@ def test_refining_fits_a_further_on_policy_round_on_top_of_the_terms(trained, si
         train_pair_interactions(trained, singles, refine=True, **REFINE_SETTINGS)
 
 
-def test_refining_to_a_stronger_pair_target_records_each_rounds_beta(trained, paired):
+def test_refining_to_a_stronger_pair_target_records_each_rounds_beta(trained, paired, stronger):
     deltas, _ = paired
-    stronger, _ = train_pair_interactions(trained, deltas, refine=True, **REFINE_SETTINGS, null_alpha=3.0)
     assert stronger[1].hyperparameters["pair_terms"]["null_alphas"] == [1.0, 3.0]
     card = str(delta_card(stronger[1], "deltas/separable/digit-7.safetensors"))
     assert "guidance away from the pair's mixture, β = 1.0, 3.0 in successive rounds" in card

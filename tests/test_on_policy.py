@@ -95,10 +95,7 @@ def test_completing_refits_only_the_pairs_whose_term_went_stale(trained, paired,
     assert refined[0].hyperparameters["pair_terms"]["rounds"] == 2
 
 
-def test_completing_replays_each_recorded_rounds_target(trained, paired, monkeypatch):
-    deltas, _ = paired
-    refine = dict(rounds=1, refine_steps=30, refine_trajectories=2, null_alpha=3.0)
-    stronger, _ = train_pair_interactions(trained, deltas, refine=True, **refine)
+def test_completing_replays_each_recorded_rounds_target(trained, stronger, monkeypatch):
     (seven,), _ = refine_singles(trained, [stronger[1]], **SINGLE_SETTINGS)
     betas, fit_pair_round = [], interactions.fit_pair_round
     monkeypatch.setattr(
