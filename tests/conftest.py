@@ -94,6 +94,12 @@ def stronger(trained, paired) -> list[ConceptDelta]:
     return train_pair_interactions(trained, paired[0], refine=True, **REFINE_SETTINGS, null_alpha=3.0)[0]
 
 
+@pytest.fixture(scope="session")
+def targeted(trained, paired) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
+    """``paired``'s deltas after one more round of the 4+9 term only, to a stronger target (β = 3), and its KL."""
+    return train_pair_interactions(trained, paired[0], refine=True, pairs=["9+4"], **REFINE_SETTINGS, null_alpha=3.0)
+
+
 @torch.no_grad()
 def null_target_mismatch(pipeline, parameters, digits, **target) -> float:
     """KL(p* ‖ edited null label) in nats per pixel on noised real digits; p* the ``null_label_target`` of

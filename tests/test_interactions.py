@@ -138,6 +138,27 @@ def test_refining_to_a_stronger_pair_target_records_each_rounds_beta(trained, pa
         assert null_target_mismatch(trained, compose(trained, [stronger[i], stronger[j]]), digits, beta=3.0) < weaker
 
 
+def test_a_targeted_round_refits_only_the_chosen_pairs_term(trained, paired, targeted):
+    deltas, _ = paired
+    chosen, kl = targeted
+    assert set(kl) == {"4+9"} and kl["4+9"][1] < kl["4+9"][0]
+    recorded = chosen[1].hyperparameters["pair_terms"]  # the run's record, in every delta
+    assert recorded["rounds"] == 1 and recorded["null_alphas"] == [1.0]
+    plan = dict(steps=60, learning_rate=1e-2, trajectories=4, seed=2, null_alpha=3.0, pairs=["4+9"], after_round=1)
+    assert recorded["targeted"] == [plan]
+    for i in (0, 2):  # 4+7 and 7+9 kept bitwise
+        assert all(torch.equal(chosen[i].interactions["7"][n], v) for n, v in deltas[i].interactions["7"].items())
+    weaker = null_target_mismatch(trained, compose(trained, [deltas[0], deltas[2]]), [4, 9], beta=3.0)
+    assert null_target_mismatch(trained, compose(trained, [chosen[0], chosen[2]]), [4, 9], beta=3.0) < weaker
+    further = "Pair 4+9 then ran a further round on its own (β = 3.0, 4 trajectories per pair)."
+    assert further in str(delta_card(chosen[0], "deltas/separable/digit-4.safetensors"))
+    assert "further round" not in str(delta_card(chosen[1], "deltas/separable/digit-7.safetensors"))
+    with pytest.raises(ValueError, match="pass refine=True"):
+        train_pair_interactions(trained, deltas, pairs=["4+9"])
+    with pytest.raises(ValueError, match="pairs must name pairs of these deltas \\(4\\+7, 4\\+9, 7\\+9\\)"):
+        train_pair_interactions(trained, deltas, refine=True, pairs=["4+5"])
+
+
 def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singles, tmp_path):
     for delta in singles:
         delta.save(tmp_path / "joint" / f"digit-{delta.concepts[0]}.safetensors")
@@ -156,6 +177,12 @@ def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singl
         "refine_trajectories": 1,
         "seconds": 0,
     }
+    targeted = ["--pair-terms", str(tmp_path / "deltas"), "--refine", "--pairs", "9+7", "--set", "null_alpha=2"]
+    run_erase_script(trained, tmp_path, [], "--method", "separable", "--digits", "4", "7", "9", *targeted, *refine[4:])
+    plans = ConceptDelta.load(tmp_path / "deltas" / "digit-7.safetensors").hyperparameters["pair_terms"]["targeted"]
+    assert [(plan["pairs"], plan["null_alpha"], plan["steps"], plan["after_round"]) for plan in plans] == [
+        (["7+9"], 2.0, 2, 2)
+    ]
     parser = argparse.ArgumentParser()
     add_erase_arguments(parser)
     alone = parser.parse_args(
@@ -163,6 +190,8 @@ def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singl
     )
     with pytest.raises(ValueError, match="--refine and --complete work on existing pair terms: name their folder"):
         run_erase(alone)
+    with pytest.raises(ValueError, match="--pairs chooses the pair terms that --refine adds rounds to"):
+        run_erase(parser.parse_args(["--method", "separable", "--digits", "4", "7", "--pairs", "4+7"]))
 
 
 def test_the_card_names_the_pair_partners(paired):

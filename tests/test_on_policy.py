@@ -99,11 +99,25 @@ def test_completing_replays_each_recorded_rounds_target(trained, stronger, monke
     (seven,), _ = refine_singles(trained, [stronger[1]], **SINGLE_SETTINGS)
     betas, fit_pair_round = [], interactions.fit_pair_round
     monkeypatch.setattr(
-        interactions, "fit_pair_round", lambda *args: betas.append(args[-1]["beta"]) or fit_pair_round(*args)
+        interactions, "fit_pair_round", lambda *args: betas.append(args[-2]["null_alpha"]) or fit_pair_round(*args)
     )
     completed, kl = train_pair_interactions(trained, [stronger[0], seven, stronger[2]], complete=True)
     assert betas == [1.0, 3.0] and set(kl) == {"4+7", "7+9"}
     assert completed[1].hyperparameters["pair_terms"]["null_alphas"] == [1.0, 3.0]
+
+
+def test_completing_replays_targeted_rounds_of_the_stale_pairs(trained, targeted, monkeypatch):
+    chosen, _ = targeted
+    (four,), _ = refine_singles(trained, [chosen[0]], **SINGLE_SETTINGS)
+    rounds, fit_pair_round = [], interactions.fit_pair_round
+    monkeypatch.setattr(
+        interactions,
+        "fit_pair_round",
+        lambda *args: rounds.append((len(args[3]), args[-2]["null_alpha"])) or fit_pair_round(*args),
+    )
+    completed, kl = train_pair_interactions(trained, [four, *chosen[1:]], complete=True)
+    assert rounds == [(2, 1.0), (1, 3.0)] and set(kl) == {"4+7", "4+9"}  # 4+9's targeted round after round 1
+    assert completed[0].hyperparameters["pair_terms"]["targeted"] == chosen[0].hyperparameters["pair_terms"]["targeted"]
 
 
 def test_completing_and_refining_refuse_what_they_cannot_do(trained, singles, paired, refined_seven):

@@ -8,6 +8,9 @@
         --pair-terms pretrained/deltas/separable --output-dir pretrained/deltas/separable --set steps=4500
     python training/erase.py --method separable --digits 0 1 2 3 4 5 6 7 8 9 \
         --pair-terms pretrained/deltas/separable --refine --set rounds=2 --output-dir pretrained/deltas/separable
+    python training/erase.py --method separable --digits 0 1 2 3 4 5 6 7 8 9 \
+        --pair-terms pretrained/deltas/separable --refine --pairs 0+7 --set rounds=1 null_alpha=4 \
+        --output-dir pretrained/deltas/separable
     python training/erase.py --method separable --digits 2 \
         --single-rounds pretrained/deltas/separable --output-dir pretrained/deltas/separable
     python training/erase.py --method separable --digits 0 1 2 3 4 5 6 7 8 9 \

@@ -105,6 +105,13 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --pair-terms: keep the pair terms FOLDER's deltas carry and add --set rounds=N on-policy rounds",
     )
     parser.add_argument(
+        "--pairs",
+        nargs="+",
+        metavar="A+B",
+        help="with --refine: only these pairs' terms (e.g. 0+7) run the --set rounds=N more rounds, with this run's "
+        "null_alpha and refine_* settings",
+    )
+    parser.add_argument(
         "--complete",
         action="store_true",
         help="with --pair-terms: keep the pair terms that still apply and fit only the pairs without one",
@@ -144,6 +151,8 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--jointly needs a method in {sorted(JOINT_METHODS)}, got {args.method!r}.")
     if (args.refine or args.complete) and not args.pair_terms:
         raise ValueError("--refine and --complete work on existing pair terms: name their folder with --pair-terms.")
+    if args.pairs and not args.refine:
+        raise ValueError("--pairs chooses the pair terms that --refine adds rounds to: pass --refine too.")
     folder = args.pair_terms or args.single_rounds
     if folder and args.method not in JOINT_METHODS:
         raise ValueError(
@@ -157,7 +166,7 @@ def run_erase(args: argparse.Namespace) -> list[Path]:
         if args.single_rounds:
             erasures, kl = refine_singles(pipeline, singles, **hyperparameters)
         else:
-            options = dict(refine=args.refine, complete=args.complete)
+            options = dict(refine=args.refine, complete=args.complete, pairs=args.pairs)
             erasures, kl = train_pair_interactions(pipeline, singles, **options, **hyperparameters)
         logger.info("Held-out KL of each null label to its target, [before, after]: %s", kl)
     elif args.method in INFERENCE_METHODS:

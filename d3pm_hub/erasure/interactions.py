@@ -160,7 +160,12 @@ def check_term(base_parameters: dict[str, torch.Tensor], name: str, change: torc
 
 
 def train_pair_interactions(
-    pipeline: D3PMPipeline, deltas: list[ConceptDelta], refine: bool = False, complete: bool = False, **settings
+    pipeline: D3PMPipeline,
+    deltas: list[ConceptDelta],
+    refine: bool = False,
+    complete: bool = False,
+    pairs: list[str] | None = None,
+    **settings,
 ) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
     """Fit a pair term for every pair of ``deltas`` (jointly trained `separable` singles) and store it in both.
 
@@ -174,51 +179,82 @@ def train_pair_interactions(
         refine: keep the pair terms the deltas carry (all pairs, fitted together with `train_pair_interactions`)
             and run ``rounds`` more rounds on top of them; otherwise terms they carry are replaced.
         complete: keep the terms that still apply and fit only the pairs without one (after
-            `~.on_policy.refine_singles` changed a single), with the settings and rounds the kept terms record;
-            each round's steps scale with the share of pairs fitted.
+            `~.on_policy.refine_singles` changed a single), replaying every recorded round (targeted ones
+            included, in order) with its settings; each round's steps scale with the share of pairs fitted.
+        pairs: with ``refine``, only these pairs (``"0+7"``) run the ``rounds`` more rounds, with this call's
+            ``null_alpha`` and ``refine_*`` settings: a pair that needs a stronger target or a larger budget gets
+            it without moving the others. Each such round is recorded in ``pair_terms["targeted"]``.
         settings: `PairSettings` fields (with ``refine``, the first round's fields are those the terms record and
             ``null_alpha`` may differ from the earlier rounds'; with ``complete``, all of them are recorded, each
             round's target β included).
 
     Returns: copies of the deltas with their pair terms, and the held-out KL of each fitted pair's null label to
-    its target without and with its term, on the last round's states (``{"a+b": [without, with]}``; also stored in
+    its target without and with its term, on its last round's states (``{"a+b": [without, with]}``; also stored in
     each delta's metrics).
 
     Raises:
-        ValueError: deltas that cannot be paired, or (``refine``, ``complete``) deltas whose terms do not allow it.
+        ValueError: deltas that cannot be paired, or (``refine``, ``complete``, ``pairs``) deltas whose terms do
+            not allow it.
     """
     if refine and complete:
         raise ValueError("refine adds rounds to every pair's term and complete fits the missing ones: choose one.")
+    if pairs is not None and not refine:
+        raise ValueError("pairs chooses the pair terms that refine adds rounds to: pass refine=True (--refine) too.")
     settings = PairSettings(**settings)
     target_settings = null_target_settings(deltas)
     if len(deltas) < 2:
         raise ValueError("Pair terms need two or more single-digit 'separable' deltas (trained with --jointly).")
-    more = settings.rounds
-    pairs = list(itertools.combinations(range(len(deltas)), 2))
+    every = list(itertools.combinations(range(len(deltas)), 2))
     alpha = target_settings["beta"] if settings.null_alpha is None else settings.null_alpha
     if refine or complete:
-        recorded = refined_settings(deltas, settings, alpha) if refine else shared_record(deltas)
-        fields = [field.name for field in dataclasses.fields(PairSettings)]
-        settings = PairSettings(**{key: value for key, value in recorded.items() if key in fields})
+        recorded = shared_record(deltas) if complete else refined_settings(deltas, settings, alpha, pairs)
     else:
-        recorded = dataclasses.asdict(settings) | {"null_alphas": [alpha] * more, "seconds": 0.0}
+        recorded = dataclasses.asdict(settings) | {"null_alphas": [alpha] * settings.rounds, "seconds": 0.0}
         del recorded["null_alpha"]  # each round's β is in null_alphas
         deltas = [without_pair_terms(delta) for delta in deltas]
-    alphas = round_alphas(recorded, target_settings)
+    schedule = recorded_rounds(recorded, target_settings)
     if complete:
         hashes = {partner_key(delta): increment_hash(delta) for delta in deltas}
         kept = current_terms(deltas)
         deltas = [with_interactions(delta, terms, hashes) for delta, terms in zip(deltas, kept, strict=True)]
-        pairs = [(i, j) for i, j in pairs if partner_key(deltas[j]) not in deltas[i].interactions]
-        more = recorded["rounds"]
+        every = [(i, j) for i, j in every if partner_key(deltas[j]) not in deltas[i].interactions]
+    elif refine:
+        schedule = schedule[-settings.rounds :]
+    fields = {field.name for field in dataclasses.fields(PairSettings)}
+    settings = PairSettings(**{key: value for key, value in recorded.items() if key in fields})
     kl: dict[str, list[float]] = {}
     frozen = frozen_copy(pipeline)
-    for round_index in range(recorded["rounds"] - more + 1, recorded["rounds"] + 1) if pairs else ():
-        target = target_settings | {"beta": alphas[round_index - 1]}
-        terms, kl, seconds = fit_pair_round(pipeline, frozen, deltas, pairs, settings, round_index, target)
+    for plan in schedule:
+        chosen = [pair for pair in every if plan["pairs"] is None or pair_name(deltas, pair) in plan["pairs"]]
+        if not chosen:
+            continue
+        terms, fitted, seconds = fit_pair_round(pipeline, frozen, deltas, chosen, settings, plan, target_settings)
+        kl |= fitted
         recorded["seconds"] = round(recorded["seconds"] + seconds, 2)
         deltas = [with_terms(delta, terms[i], deltas, recorded, kl) for i, delta in enumerate(deltas)]
     return deltas, kl
+
+
+def pair_name(deltas: list[ConceptDelta], pair: tuple[int, int]) -> str:
+    """How a pair of ``deltas`` is named in records and metrics: its partner keys, sorted, joined by '+'."""
+    return "+".join(sorted(partner_key(deltas[index]) for index in pair))
+
+
+def recorded_rounds(record: dict, target_settings: dict) -> list[dict]:
+    """Every round a ``pair_terms`` record describes, in the order they ran: the rounds of all pairs, each
+    followed by the targeted rounds run after it. Each plan holds the round's ``steps`` (for all pairs; a round
+    runs its share), ``learning_rate``, ``trajectories``, ``seed``, target ``null_alpha`` and ``pairs`` (None: all).
+    """
+    alphas = round_alphas(record, target_settings)
+    schedule = []
+    for round_index in range(1, record.get("rounds", 1) + 1):
+        prefix = "" if round_index == 1 else "refine_"
+        plan = {key: record[prefix + key] for key in ("steps", "learning_rate", "trajectories")}
+        schedule.append(
+            plan | {"seed": record["seed"] + round_index - 1, "null_alpha": alphas[round_index - 1], "pairs": None}
+        )
+        schedule += [entry for entry in record.get("targeted", []) if entry["after_round"] == round_index]
+    return schedule
 
 
 def fit_pair_round(
@@ -227,40 +263,33 @@ def fit_pair_round(
     deltas: list[ConceptDelta],
     pairs: list[tuple[int, int]],
     settings: PairSettings,
-    round_index: int,
+    plan: dict,
     target_settings: dict,
 ) -> tuple[list[dict[str, dict[str, torch.Tensor]]], dict[str, list[float]], float]:
-    """One on-policy round: each of ``pairs``' terms plus a correction fitted on the states its composition visits.
+    """One on-policy round (a `recorded_rounds` plan): each of ``pairs``' terms plus a correction fitted on the
+    states its composition visits, to the pair's target at the plan's β.
 
-    The round runs ``settings``' steps times the share of all pairs that ``pairs`` are (as many per pair).
+    The round runs the plan's steps times the share of all pairs that ``pairs`` are (as many per pair).
 
     Returns: each delta's terms by partner (the ``(out, n)`` changes of the null tokens' keys/values), each fitted
     pair's held-out KL ``[without term, with term]``, and the optimisation's seconds.
     """
-    first = round_index == 1
-    steps, learning_rate, trajectories = (
-        (settings.steps, settings.learning_rate, settings.trajectories)
-        if first
-        else (settings.refine_steps, settings.refine_learning_rate, settings.refine_trajectories)
-    )
     round_settings = RoundSettings(
-        steps=max(1, round(steps * len(pairs) / math.comb(len(deltas), 2))),
-        learning_rate=learning_rate,
-        trajectories=trajectories,
+        steps=max(1, round(plan["steps"] * len(pairs) / math.comb(len(deltas), 2))),
+        learning_rate=plan["learning_rate"],
+        trajectories=plan["trajectories"],
         batch_size=settings.batch_size,
         lr_schedule=settings.lr_schedule,
         eval_trajectories=settings.eval_trajectories,
-        seed=settings.seed + round_index - 1,
+        seed=plan["seed"],
     )
-    logger.info("pair terms, round %d: %d pairs", round_index, len(pairs))
+    logger.info("pair terms: a round of %d pairs at β = %s", len(pairs), plan["null_alpha"])
     compositions = [[deltas[i], deltas[j]] for i, j in pairs]
     references = [[without_pair_terms(deltas[i]), without_pair_terms(deltas[j])] for i, j in pairs]
-    corrections, kl, seconds = fit_corrections(
-        pipeline, frozen, compositions, references, round_settings, target_settings
-    )
+    target = target_settings | {"beta": plan["null_alpha"]}
+    corrections, kl, seconds = fit_corrections(pipeline, frozen, compositions, references, round_settings, target)
     terms = added_terms(frozen, deltas, pairs, corrections)
-    keys = {"+".join(partner_key(deltas[i]) for i in pair): value for pair, value in zip(pairs, kl, strict=True)}
-    return terms, keys, seconds
+    return terms, {pair_name(deltas, pair): value for pair, value in zip(pairs, kl, strict=True)}, seconds
 
 
 def added_terms(
@@ -312,13 +341,17 @@ def shared_record(deltas: list[ConceptDelta]) -> dict:
     return json.loads(records.pop())
 
 
-def refined_settings(deltas: list[ConceptDelta], settings: PairSettings, alpha: float) -> dict:
+def refined_settings(
+    deltas: list[ConceptDelta], settings: PairSettings, alpha: float, pairs: list[str] | None = None
+) -> dict:
     """The ``pair_terms`` record after ``settings.rounds`` more rounds, to the target of β = ``alpha``, on the terms
-    ``deltas`` carry.
+    ``deltas`` carry: rounds of all pairs, or targeted rounds of ``pairs`` only (``"0+7"``; recorded with their own
+    ``refine_*`` settings under ``targeted``).
 
     Raises:
         ValueError: a pair without a term fitted against its partner's current increments, deltas whose terms
-            were fitted in different runs, or refinement settings other than those of earlier refinements.
+            were fitted in different runs, refinement settings of all pairs other than those of earlier
+            refinements, or ``pairs`` that name no pair of ``deltas``.
     """
     hashes = [increment_hash(delta) for delta in deltas]
     for i, j in itertools.permutations(range(len(deltas)), 2):
@@ -328,15 +361,41 @@ def refined_settings(deltas: list[ConceptDelta], settings: PairSettings, alpha: 
                 f"Refining needs every pair's term: the delta of {partner_key(first)} has none fitted against the "
                 f"delta of {partner_key(second)}. Fit the missing ones first (train_pair_interactions with complete)."
             )
+    if settings.rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {settings.rounds}.")
     previous = shared_record(deltas)
     refinement = {
         key: getattr(settings, key) for key in ("refine_steps", "refine_learning_rate", "refine_trajectories")
     }
     earlier = previous.get("rounds", 1)
+    if pairs is not None:
+        return previous | {"targeted": targeted_rounds(deltas, previous, refinement, alpha, pairs, settings.rounds)}
     if earlier > 1 and any(previous.get(key) != value for key, value in refinement.items()):
         raise ValueError(f"Earlier rounds were refined with {previous}; refine again with the same refine_* settings.")
     alphas = round_alphas(previous, null_target_settings(deltas)) + [alpha] * settings.rounds
     return previous | refinement | {"rounds": earlier + settings.rounds, "null_alphas": alphas}
+
+
+def targeted_rounds(
+    deltas: list[ConceptDelta], record: dict, refinement: dict, alpha: float, pairs: list[str], rounds: int
+) -> list[dict]:
+    """The record's targeted rounds with ``rounds`` more of ``pairs`` (`recorded_rounds` plans, run after the
+    record's last round of all pairs; seeds continue from the record's last round).
+
+    Raises:
+        ValueError: ``pairs`` empty or naming no pair of ``deltas``.
+    """
+    names = {pair_name(deltas, pair) for pair in itertools.combinations(range(len(deltas)), 2)}
+    chosen = sorted({"+".join(sorted(text.split("+"))) for text in pairs})
+    unknown = [text for text in chosen if text not in names]
+    if not chosen or unknown:
+        raise ValueError(f"pairs must name pairs of these deltas ({', '.join(sorted(names))}); got {pairs}.")
+    earlier = record.get("targeted", [])
+    last = record.get("rounds", 1)
+    plan = {key.removeprefix("refine_"): value for key, value in refinement.items()}
+    seeds = range(record["seed"] + last + len(earlier), record["seed"] + last + len(earlier) + rounds)
+    added = [plan | {"seed": seed, "null_alpha": alpha, "pairs": chosen, "after_round": last} for seed in seeds]
+    return earlier + added
 
 
 def round_alphas(record: dict, target_settings: dict) -> list[float]:
