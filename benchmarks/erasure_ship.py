@@ -4,7 +4,8 @@
 
 For each digit d: the delta is made with ``SETTINGS[method]`` (``benchmarks/erasure.py``) — with ``--jointly``, all
 digits' deltas at once by the method's joint variant with ``JOINT_SETTINGS[method]``, then their pair terms with
-``PAIR_SETTINGS[method]``, then single rounds for ``SINGLE_ROUNDS[method]`` — saved in fp16 to
+``PAIR_SETTINGS[method]``, then single rounds for ``SINGLE_ROUNDS[method]`` and targeted pair rounds
+``TARGETED_ROUNDS[method]`` — saved in fp16 to
 ``pretrained/deltas/{method}/digit-{d}.safetensors``, loaded back, and measured at the pipeline's default sampler
 settings: label d (``--samples``), the null label (``--null-samples``, default ``--samples``) and every other
 digit (``--other-samples`` each). The metrics (rate of d among label-d and null-label samples, confidence, what
@@ -38,6 +39,16 @@ PAIR_SETTINGS = {"separable": dict(steps=4500, rounds=3)}
 # Then on-policy single rounds (`refine_singles`, default settings) for the digits whose null rate stayed over 1% at
 # 400 samples (2: 0.025), and their pair terms refitted (`complete=True`).
 SINGLE_ROUNDS = {"separable": [2]}
+# Then targeted rounds (`train_pair_interactions(refine=True, pairs=...)`) for the pairs clearly over 1 point at 400
+# samples: 0+7 to a stronger target (sampled exactly, β = 2 lets 7 back in 4%), 1+8 and 2+6 with 4× the budget, and
+# 2+6 once more on the states where its samples go wrong (BENCHMARKS.md §4).
+TARGETED_ROUNDS = {
+    "separable": [
+        dict(pairs=["0+7"], rounds=1, null_alpha=4.0),
+        dict(pairs=["1+8", "2+6"], rounds=1, refine_steps=12000, refine_trajectories=128),
+        dict(pairs=["2+6"], rounds=1, refine_steps=13500, refine_trajectories=128, refine_timesteps=[358, 643]),
+    ]
+}
 # Kept when a delta is re-measured.
 TRAINING_METRICS = ("erase_seconds", "final_loss", "steps_run", "pair_kl", "single_kl")
 
@@ -101,6 +112,8 @@ def main() -> None:
             refined = {delta.concepts[0]: delta for delta in refine_singles(pipeline, refined)[0]}
             made = [refined.get(delta.concepts[0], delta) for delta in made]
             made, _ = train_pair_interactions(pipeline, made, complete=True)
+        for targeted in TARGETED_ROUNDS[args.method]:
+            made, _ = train_pair_interactions(pipeline, made, refine=True, **targeted)
         for delta in made:
             delta.save(folder / f"digit-{delta.concepts[0]}.safetensors")
     for digit in args.digits:

@@ -144,19 +144,21 @@ def test_a_targeted_round_refits_only_the_chosen_pairs_term(trained, paired, tar
     assert set(kl) == {"4+9"} and kl["4+9"][1] < kl["4+9"][0]
     recorded = chosen[1].hyperparameters["pair_terms"]  # the run's record, in every delta
     assert recorded["rounds"] == 1 and recorded["null_alphas"] == [1.0]
-    plan = dict(steps=60, learning_rate=1e-2, trajectories=4, seed=2, null_alpha=3.0, pairs=["4+9"], after_round=1)
-    assert recorded["targeted"] == [plan]
+    plan = dict(steps=60, learning_rate=1e-2, trajectories=4, timesteps=[15, 35], seed=2, null_alpha=3.0)
+    assert recorded["targeted"] == [plan | {"pairs": ["4+9"], "after_round": 1}]
     for i in (0, 2):  # 4+7 and 7+9 kept bitwise
         assert all(torch.equal(chosen[i].interactions["7"][n], v) for n, v in deltas[i].interactions["7"].items())
     weaker = null_target_mismatch(trained, compose(trained, [deltas[0], deltas[2]]), [4, 9], beta=3.0)
     assert null_target_mismatch(trained, compose(trained, [chosen[0], chosen[2]]), [4, 9], beta=3.0) < weaker
-    further = "Pair 4+9 then ran a further round on its own (β = 3.0, 4 trajectories per pair)."
+    further = "Pair 4+9 then ran a further round on its own (β = 3.0, 4 trajectories per pair, states with 15 ≤ t ≤ 35)"
     assert further in str(delta_card(chosen[0], "deltas/separable/digit-4.safetensors"))
     assert "further round" not in str(delta_card(chosen[1], "deltas/separable/digit-7.safetensors"))
     with pytest.raises(ValueError, match="pass refine=True"):
         train_pair_interactions(trained, deltas, pairs=["4+9"])
     with pytest.raises(ValueError, match="pairs must name pairs of these deltas \\(4\\+7, 4\\+9, 7\\+9\\)"):
         train_pair_interactions(trained, deltas, refine=True, pairs=["4+5"])
+    with pytest.raises(ValueError, match="timesteps \\[200, 300\\] holds none of the sampler's timesteps"):
+        train_pair_interactions(trained, deltas, refine=True, pairs=["4+9"], refine_timesteps=[200, 300])
 
 
 def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singles, tmp_path):

@@ -44,6 +44,7 @@ class RoundSettings:
         trajectories: null-label samples per composition whose states x_t the correction is fitted on.
         eval_trajectories: further samples per composition whose states give the held-out KL before and after.
         seed: seed of the trajectories, the compositions drawn and the batches.
+        timesteps: ``[lo, hi]``: fit (and hold out) only the states with lo ≤ t ≤ hi; None: every state.
     """
 
     steps: int
@@ -53,6 +54,7 @@ class RoundSettings:
     lr_schedule: str = "cosine"
     eval_trajectories: int = 8
     seed: int = 1
+    timesteps: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,8 @@ def fit_corrections(
     banks, held_out, offsets = [], [], []
     for composition in compositions:
         composed = compose_parameters(pipeline.unet, composition)
-        banks.append(null_label_states(pipeline, composed, settings.trajectories, generator))
-        held_out.append(null_label_states(pipeline, composed, settings.eval_trajectories, generator))
+        banks.append(within(null_label_states(pipeline, composed, settings.trajectories, generator), settings))
+        held_out.append(within(null_label_states(pipeline, composed, settings.eval_trajectories, generator), settings))
         offsets.append(increments_over_base(pipeline, composed, names))
     reference_offsets = [
         increments_over_base(pipeline, compose_parameters(pipeline.unet, reference), names) for reference in references
@@ -235,6 +237,23 @@ def null_label_states(
     null = [pipeline.unet.null_label] * count
     sampler(null, generator=generator, output_type="pt", unet_parameters=parameters, callback_on_step_end=record)
     return torch.cat(states), torch.tensor(upcoming).repeat_interleave(count)
+
+
+def within(states: tuple[torch.Tensor, torch.Tensor], settings: RoundSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states x_t ``(N, 1, H, W)`` and t ``(N,)`` of `null_label_states` inside ``settings.timesteps``.
+
+    Raises:
+        ValueError: a window that holds none of the sampler's timesteps.
+    """
+    if settings.timesteps is None:
+        return states
+    low, high = settings.timesteps
+    x_t, timesteps = states
+    inside = (timesteps >= low) & (timesteps <= high)
+    if not inside.any():
+        steps = timesteps.unique().tolist()
+        raise ValueError(f"timesteps {settings.timesteps} holds none of the sampler's timesteps {steps}.")
+    return x_t[inside], timesteps[inside]
 
 
 @torch.no_grad()
