@@ -15,8 +15,10 @@ second-order ones:
   KL(p*_{ab} ‖ p_{θ₀+Δa+Δb+Δab}(· | x_t, ∅)) on the states x_t that the pair's null-label samples visit (drawn
   with both singles applied): where it goes wrong, rather than on noised real digits (`~.on_policy`). Later
   rounds (DAgger-style, ``PairSettings.rounds``, or ``refine=True`` on deltas that carry terms) redraw those
-  states with the term in place, where the sampler then goes, and fit a correction on top. ``complete=True``
-  fits only the pairs whose term no longer applies (a single changed by `~.on_policy.refine_singles`);
+  states with the term in place, where the sampler then goes, and fit a correction on top; ``pairs=[...]``
+  restricts such rounds to the pairs that need them, with their own target β, budget and window of timesteps.
+  ``complete=True`` fits only the pairs whose term no longer applies (a single changed by
+  `~.on_policy.refine_singles`), replaying every recorded round;
 * storage — Δ_ab changes nothing but the null label's n tokens' keys/values, so each file stores those changes
   M_ab ``(out, n)`` per edited ``attn2.to_k/to_v`` (a few KB per partner; ΔW = M_ab R_∅ with R_∅ the null
   tokens' dual rows, `~.anchors.context_token_rows`) under ``interaction/{partner}/{parameter}``, in both partners'
@@ -67,9 +69,9 @@ class PairSettings:
         refine_steps, refine_learning_rate, refine_trajectories: ``steps``, ``learning_rate`` and
             ``trajectories`` of the rounds after the first.
         refine_timesteps: ``[lo, hi]``: those rounds fit only the states with lo ≤ t ≤ hi (None: all). Where a
-            pair's samples go wrong can be narrow: sampling 2+6's null label from the exact target at the five
-            default steps with 358 ≤ t ≤ 643 and from the distilled edit elsewhere lets 2 back in 1.3% of samples,
-            as the exact target does everywhere (1.5%), against 4.3% from the exact target at the other steps.
+            pair's samples go wrong can be narrow: 2+6's null label sampled from its exact target at the five
+            default steps with 358 ≤ t ≤ 643 and from the deltas elsewhere lets 2 back in 0.5% of samples, as the
+            exact target at every step does, against 5.0% from the deltas alone (`erasure_exact_steps.py`).
         null_alpha: β of the pairs' null-label target (guidance away from the pair's mixture,
             `~.posterior.null_label_target`) in this run's rounds; None: the singles' β. A pair may need more
             than a single: sampled exactly, the mixture at the singles' β = 2 lets 7 back in 4% of 0+7's null
