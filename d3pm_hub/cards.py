@@ -170,12 +170,12 @@ def delta_card(delta: ConceptDelta, path_in_repo: str = "", repo_id: str | None 
         num_parameters=delta.num_parameters(),
         num_tensors=len(delta.tensors),
         partners=sorted(delta.interactions),
-        targeted_rounds=targeted_rounds(delta),
+        own_targeted_rounds=own_targeted_rounds(delta),
         num_pair_values=sum(value.numel() for value in delta.interaction_tensors().values()),
     )
 
 
-def targeted_rounds(delta: ConceptDelta) -> list[dict]:
+def own_targeted_rounds(delta: ConceptDelta) -> list[dict]:
     """The targeted pair rounds of the delta's record (`~d3pm_hub.erasure.interactions.targeted_rounds`) that
     fitted its own terms, each listing only its own pairs."""
     own = "-".join(map(str, delta.concepts))
