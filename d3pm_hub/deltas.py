@@ -168,6 +168,9 @@ class ConceptDelta:
                 f"{source} has format version {version}, newer than this code reads ({FORMAT_VERSION}): "
                 "upgrade d3pm-hub."
             )
+        if version < 1:
+            raise ValueError(f"{source} has format version {version}; versions start at 1.")
+        self._validate_json_metadata(source)
         if not self.tensors:
             raise ValueError(f"{source} holds no increments.")
         for name, value in (self.tensors | self.interaction_tensors()).items():
@@ -175,6 +178,39 @@ class ConceptDelta:
                 raise ValueError(f"{source}: increment {name!r} has non-finite values (NaN or inf).")
         if self.interactions and set(self.interactions) != set(json.loads(self.metadata.get("interactions", "{}"))):
             raise ValueError(f"{source}: its pair terms and its metadata's 'interactions' name different partners.")
+
+    def _validate_json_metadata(self, source: str) -> None:
+        """``concepts`` a non-empty JSON list of digits; ``hyperparameters``, ``metrics``, ``interactions`` JSON
+        objects; recorded ``anchors`` map erased digits to non-empty lists of digits."""
+
+        def parsed(key: str, default: str, kind: type):
+            try:
+                value = json.loads(self.metadata.get(key, default))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{source}: metadata {key!r} is not valid JSON ({error}).") from error
+            if not isinstance(value, kind):
+                raise ValueError(f"{source}: metadata {key!r} must be a JSON {kind.__name__}, got {value!r:.80}.")
+            return value
+
+        def digits(value) -> bool:
+            return isinstance(value, list) and bool(value) and all(is_digit(d) for d in value)
+
+        def is_digit(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        if not digits(parsed("concepts", "[]", list)):
+            raise ValueError(
+                f"{source}: metadata 'concepts' must list the erased digits, got {self.metadata['concepts']!r}."
+            )
+        parsed("metrics", "{}", dict)
+        parsed("interactions", "{}", dict)
+        anchors = parsed("hyperparameters", "{}", dict).get("anchors") or {}
+        if not isinstance(anchors, dict) or not all(
+            key.isdigit() and digits(ranked) for key, ranked in anchors.items()
+        ):
+            raise ValueError(
+                f"{source}: hyperparameters 'anchors' must map digits to lists of digits, got {anchors!r:.80}."
+            )
 
 
 DeltaSpec = ConceptDelta | tuple[ConceptDelta, float]
@@ -256,8 +292,14 @@ def compose_parameters(unet: torch.nn.Module, deltas: Iterable[DeltaSpec]) -> di
     Returns: name → new tensor, for ``pipeline(..., unet_parameters=...)`` (applied for that call only).
 
     Raises:
-        ValueError: a delta made for another base model, unknown parameter names, wrong shapes, non-finite values.
+        ValueError: a delta made for another base model, unknown parameter names, wrong shapes, non-finite values,
+            or a UNet with deltas applied in place.
     """
+    if unet in _APPLIED:
+        raise ValueError(
+            "This UNet has deltas applied in place (apply_deltas): weights composed on top would mix them with "
+            "these. Call remove_deltas(pipeline) first, or pass all the deltas here."
+        )
     parameters = {name: p.detach() for name, p in unet.named_parameters()}
     return _compose(parameters, base_model_hash(unet), deltas)
 
@@ -271,7 +313,7 @@ class _AppliedState:
     deltas: list[tuple[ConceptDelta, float]]
 
 
-_APPLIED: weakref.WeakKeyDictionary[D3PMPipeline, _AppliedState] = weakref.WeakKeyDictionary()
+_APPLIED: weakref.WeakKeyDictionary[torch.nn.Module, _AppliedState] = weakref.WeakKeyDictionary()  # by UNet
 _LOCKS: weakref.WeakKeyDictionary[D3PMPipeline, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -284,10 +326,15 @@ def _lock_for(pipeline: D3PMPipeline) -> threading.RLock:
 def _base_parameters(pipeline: D3PMPipeline) -> tuple[dict[str, torch.Tensor], str]:
     """The base θ₀ (undoing in-place deltas, without touching the model) and its hash."""
     parameters = {name: p.detach() for name, p in pipeline.unet.named_parameters()}
-    state = _APPLIED.get(pipeline)
+    state = _APPLIED.get(pipeline.unet)
     if state is None:
         return parameters, base_model_hash(pipeline.unet)
     return {**parameters, **state.base_tensors}, state.base_hash
+
+
+def base_hash_of(pipeline: D3PMPipeline) -> str:
+    """`base_model_hash` of the pipeline's UNet as it is without the deltas applied in place."""
+    return _base_parameters(pipeline)[1]
 
 
 def apply_deltas(pipeline: D3PMPipeline, deltas: Iterable[DeltaSpec]) -> None:
@@ -298,7 +345,7 @@ def apply_deltas(pipeline: D3PMPipeline, deltas: Iterable[DeltaSpec]) -> None:
     """
     with _lock_for(pipeline), torch.no_grad():
         base, base_hash = _base_parameters(pipeline)
-        state = _APPLIED.get(pipeline) or _AppliedState({}, base_hash, [])
+        state = _APPLIED.get(pipeline.unet) or _AppliedState({}, base_hash, [])
         all_deltas = state.deltas + _normalise(deltas)
         composed = _compose(base, base_hash, all_deltas)  # validates everything before anything changes
         named = dict(pipeline.unet.named_parameters())
@@ -306,13 +353,13 @@ def apply_deltas(pipeline: D3PMPipeline, deltas: Iterable[DeltaSpec]) -> None:
             state.base_tensors.setdefault(name, named[name].detach().clone())
             named[name].copy_(value)
         state.deltas = all_deltas
-        _APPLIED[pipeline] = state
+        _APPLIED[pipeline.unet] = state
 
 
 def remove_deltas(pipeline: D3PMPipeline) -> None:
     """Put back the base tensors bit for bit (a no-op when nothing is applied)."""
     with _lock_for(pipeline), torch.no_grad():
-        state = _APPLIED.pop(pipeline, None)
+        state = _APPLIED.pop(pipeline.unet, None)
         if state is None:
             return
         named = dict(pipeline.unet.named_parameters())
@@ -322,7 +369,7 @@ def remove_deltas(pipeline: D3PMPipeline) -> None:
 
 def applied_deltas(pipeline: D3PMPipeline) -> list[tuple[ConceptDelta, float]]:
     """The (delta, strength) pairs currently applied in place."""
-    state = _APPLIED.get(pipeline)
+    state = _APPLIED.get(pipeline.unet)
     return list(state.deltas) if state else []
 
 

@@ -136,6 +136,22 @@ def delta_path_in_repo(delta: ConceptDelta) -> str:
     return f"{DELTAS_FOLDER}/{delta.method}/digit-{digits}{DELTA_SUFFIX}"
 
 
+def delta_paths_in_repo(paths: list[str | Path]) -> dict[str, str | Path]:
+    """Path in the repo (`delta_path_in_repo`) → local file; refuses two files that would land on one path."""
+    from .deltas import ConceptDelta
+
+    placed: dict[str, str | Path] = {}
+    for path in paths:
+        path_in_repo = delta_path_in_repo(ConceptDelta.load(path))
+        if path_in_repo in placed:
+            raise ValueError(
+                f"{placed[path_in_repo]} and {path} would both be pushed to {path_in_repo} (same method and "
+                "digits): push one of them, or pass {path in repo: file} to place them yourself."
+            )
+        placed[path_in_repo] = path
+    return placed
+
+
 def push_deltas(
     deltas: dict[str, str | Path] | list[str | Path],
     repo_id: str,
@@ -166,13 +182,13 @@ def push_deltas(
     from .deltas import ConceptDelta
     from .pipeline import D3PMPipeline
 
+    if not isinstance(deltas, dict):
+        deltas = delta_paths_in_repo(deltas)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     base_repo_id = base_repo_id or repo_id
     base_revision = base_revision or api.repo_info(base_repo_id).sha
     base = D3PMPipeline.from_pretrained(base_repo_id, revision=base_revision)
-    if not isinstance(deltas, dict):
-        deltas = {delta_path_in_repo(ConceptDelta.load(path)): path for path in deltas}
     operations = []
     with tempfile.TemporaryDirectory() as scratch:
         for index, (path_in_repo, local_path) in enumerate(sorted(deltas.items())):
@@ -255,9 +271,9 @@ def load_delta(
 
 def check_base(delta: ConceptDelta, pipeline) -> None:
     """Raise a `ValueError` unless ``delta`` was made for ``pipeline``'s UNet (same weights hash)."""
-    from .deltas import base_model_hash
+    from .deltas import base_hash_of
 
-    expected = base_model_hash(pipeline.unet)
+    expected = base_hash_of(pipeline)
     if delta.metadata["base_model_hash"] != expected:
         made_for = delta.metadata.get("base_model") or "an unknown model"
         if delta.metadata.get("base_revision"):

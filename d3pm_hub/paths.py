@@ -1,6 +1,7 @@
 """Where the shipped artefacts live (inside the repository, next to the package), and how files are written."""
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,3 +26,19 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
+
+
+def replace_folder(temporary: Path, final: Path) -> Path:
+    """Move the complete folder ``temporary`` to ``final``, replacing any folder there, never losing both.
+
+    An existing ``final`` is first renamed aside to ``.old-{name}`` and deleted only once ``temporary`` is in place:
+    a crash in between leaves the old folder there (renames within one file system are atomic; two folders cannot
+    be swapped in one step portably).
+    """
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    temporary.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -26,6 +26,7 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from .data import dataset_to_tensors, load_mnist
+from .paths import replace_folder
 from .pipeline import D3PMPipeline
 from .scheduler import D3PMScheduler
 from .unet import D3PMUNet
@@ -33,6 +34,8 @@ from .unet import D3PMUNet
 logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LOSS_TYPES = ("hybrid", "ce")
+SAVE_DTYPES = ("float16", "bfloat16", "float32")
+MAX_SEED = 2**23  # step_generator packs (seed, micro-step, process) into one 64-bit seed: seed << 40
 
 
 @dataclass
@@ -79,6 +82,10 @@ class TrainConfig:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}.")
         if self.max_steps < 1 or self.batch_size < 1:
             raise ValueError("max_steps and batch_size must be positive.")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be in 0..{MAX_SEED - 1} (it seeds every step's generator), got {self.seed}.")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}.")
 
 
 def build_pipeline(config: TrainConfig) -> D3PMPipeline:
@@ -147,8 +154,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        temporary.rename(final)
+        replace_folder(temporary, final)
         older = sorted(
             (int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name))
         )
@@ -159,14 +165,18 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
 
 
 def save_pipeline_atomically(pipeline: D3PMPipeline, output_dir: Path, dtype: torch.dtype) -> None:
-    """``save_pretrained`` to a sibling temp folder, then swap it into ``output_dir/pipeline``."""
+    """``save_pretrained`` (weights in ``dtype``) to a sibling temp folder, then swap it into ``output_dir/pipeline``.
+
+    ``pipeline`` itself is left in float32, also when saving fails.
+    """
     final, temporary = output_dir / "pipeline", output_dir / ".tmp-pipeline"
     shutil.rmtree(temporary, ignore_errors=True)
-    pipeline.unet.to(dtype)
-    pipeline.save_pretrained(temporary)
-    pipeline.unet.to(torch.float32)
-    shutil.rmtree(final, ignore_errors=True)
-    temporary.rename(final)
+    try:
+        pipeline.unet.to(dtype)
+        pipeline.save_pretrained(temporary)
+    finally:
+        pipeline.unet.to(torch.float32)
+    replace_folder(temporary, final)
 
 
 def save_sample_grid(pipeline: D3PMPipeline, path: Path, seed: int, steps: int = 25) -> None:
@@ -198,15 +208,15 @@ def train(config: TrainConfig) -> list[float]:
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, foreach=True)
-    ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
 
     start_step = 0
     latest = find_latest_checkpoint(output_dir) if config.resume else None
     if latest is not None:
-        accelerator.load_state(str(latest))
+        accelerator.load_state(str(latest))  # loads the EMA's shadow parameters onto the CPU
         start_step = int(CHECKPOINT_PATTERN.match(latest.name).group(1))
         logger.info("Resumed from %s (step %d).", latest, start_step)
+    ema.to(accelerator.device)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))

@@ -10,6 +10,7 @@ from d3pm_hub.deltas import (
     FORMAT_VERSION,
     ConceptDelta,
     apply_deltas,
+    base_hash_of,
     base_model_hash,
     compose_parameters,
     deltas_applied,
@@ -172,6 +173,52 @@ def test_refuses_a_newer_format_version(pipeline, tmp_path):
     with pytest.raises(ValueError, match="newer"):
         ConceptDelta.load(tmp_path / "future.safetensors")
     assert json.loads(make_delta(pipeline.unet, 0).metadata["concepts"]) == [9]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("format_version", "-3", "versions start at 1"),
+        ("concepts", "9", "'concepts' must be a JSON list"),
+        ("concepts", "[]", "'concepts' must list"),
+        ("concepts", '["nine"]', "'concepts' must list"),
+        ("concepts", "[9", "not valid JSON"),
+        ("metrics", "[1]", "'metrics' must be a JSON dict"),
+        ("interactions", "[]", "'interactions' must be a JSON dict"),
+        ("hyperparameters", '{"anchors": {"9": []}}', "'anchors' must map"),
+        ("hyperparameters", '{"anchors": [4]}', "'anchors' must map"),
+    ],
+)
+def test_refuses_malformed_metadata(pipeline, tmp_path, key, value, message):
+    """Metadata the composition reads is checked on load, so a bad file fails there with what is wrong."""
+    delta = make_delta(pipeline.unet, 0)
+    delta.metadata[key] = value
+    from safetensors.torch import save_file
+
+    save_file(dict(delta.tensors), tmp_path / "bad.safetensors", metadata=delta.metadata)
+    with pytest.raises(ValueError, match=message):
+        ConceptDelta.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=message):
+        compose_parameters(pipeline.unet, [delta])
+
+
+def test_refuses_anchors_outside_the_models_labels(pipeline):
+    anchored = make_delta(pipeline.unet, 0, concepts=(1,))
+    anchored.metadata["hyperparameters"] = json.dumps({"anchors": {"42": [1]}})
+    with pytest.raises(ValueError, match="labels are 0..9"):
+        compose_parameters(pipeline.unet, [anchored, make_delta(pipeline.unet, 1, concepts=(1,))])
+
+
+def test_composing_on_top_of_in_place_deltas_is_refused(pipeline):
+    """Per-call weights over a UNet with deltas applied in place would mix the two sets: refused, clearly."""
+    delta = make_delta(pipeline.unet, 0)
+    with deltas_applied(pipeline, [delta]):
+        with pytest.raises(ValueError, match="applied in place"):
+            compose_parameters(pipeline.unet, [delta])
+        assert base_hash_of(pipeline) == base_model_hash(tiny_pipeline().unet)
+    assert torch.equal(
+        sample(pipeline, unet_parameters=compose_parameters(pipeline.unet, [delta])), sample(fuse(pipeline, [delta]))
+    )
 
 
 def run_threads(function, arguments) -> None:

@@ -32,6 +32,7 @@ from d3pm_hub.hub import (
     load_delta,
     lora_factors,
     push_delta,
+    push_deltas,
     push_pipeline,
     resolve_folder,
 )
@@ -277,6 +278,15 @@ def test_refusals_wrong_base_and_non_safetensors(hub, tmp_path):
         with pytest.raises(ValueError, match="safetensors files only"):
             load_delta(REPO_ID, filename)
     assert len(hub.requests) == requests_before, "a refused file must not be requested"
+
+
+def test_two_files_for_one_repo_path_are_refused_before_anything_is_pushed(hub, tmp_path):
+    pipeline = tiny_pipeline()
+    first = make_delta(pipeline).save(tmp_path / "a.safetensors")
+    second = make_delta(pipeline).save(tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="would both be pushed to deltas/closed-form/digit-9.safetensors"):
+        push_deltas([first, second], "org/duplicates")
+    assert "org/duplicates" not in hub.repos
 
 
 def test_diffusers_push_to_hub_uploads_safetensors_only(hub):

@@ -155,3 +155,13 @@ def test_bad_input_is_refused():
         scheduler.step(torch.randn(1, K + 1, 4, 4), 40, torch.zeros(1, 1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="not one of"):
         scheduler.step(torch.randn(1, K, 4, 4), 39, torch.zeros(1, 1, 4, 4, dtype=torch.long))
+    x = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    for t in (0, 41):  # t = 0 would index Q̄ at s = -1, i.e. wrap round to Q̄_T
+        with pytest.raises(ValueError, match="0 <= s < t <= 40"):
+            scheduler.hybrid_loss(torch.randn(1, K, 4, 4), x, x, torch.tensor([t]))
+        with pytest.raises(ValueError, match="0 <= s < t <= 40"):
+            scheduler.q_posterior_logits(torch.randn(1, K, 4, 4), x, torch.tensor([t]))
+    with pytest.raises(ValueError, match="0 <= s < t"):
+        scheduler.q_posterior_logits(torch.randn(1, K, 4, 4), x, torch.tensor([5]), torch.tensor([5]))
+    with pytest.raises(ValueError, match="timesteps must lie in 0..40"):
+        scheduler.add_noise(x, torch.tensor([41]))

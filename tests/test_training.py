@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from d3pm_hub import D3PMPipeline
-from d3pm_hub.training import TrainConfig, find_latest_checkpoint, train
+from d3pm_hub.paths import replace_folder
+from d3pm_hub.training import MAX_SEED, TrainConfig, find_latest_checkpoint, train
 
 from .conftest import TINY_UNET
 
@@ -67,6 +68,28 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
     assert (latest / "model.safetensors").is_file() and (latest / "optimizer.bin").is_file()
     losses = train(tiny_config(tmp_path, max_steps=step + 2, checkpointing_steps=1, resume=True))
     assert len(losses) == 2
+
+
+def test_bad_configs_are_refused_before_training(tmp_path):
+    for overrides, message in [
+        (dict(seed=MAX_SEED), "seed must be in"),
+        (dict(seed=-1), "seed must be in"),
+        (dict(save_dtype="fp16"), "save_dtype must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tiny_config(tmp_path, **overrides)
+    assert not (tmp_path / "train_config.json").exists()
+
+
+def test_replace_folder_keeps_the_old_folder_until_the_new_one_is_in(tmp_path):
+    final, temporary = tmp_path / "pipeline", tmp_path / ".tmp-pipeline"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    temporary.mkdir()
+    (temporary / "new.txt").write_text("new")
+    assert replace_folder(temporary, final) == final
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+    assert [p.name for p in final.iterdir()] == ["new.txt"]
 
 
 def run_launcher(prefix: list[str], output_dir: Path, attempts: int = 1) -> None:

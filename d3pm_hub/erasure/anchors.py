@@ -104,6 +104,11 @@ def anchor_corrections(
                 continue
             if table is None:
                 table, rows = context_token_rows(base_parameters)
+            if max(digit, *ranked) >= len(table) - 1:
+                raise ValueError(
+                    f"The {delta.method} delta anchors digit {digit} on {ranked}: this model's labels are "
+                    f"0..{len(table) - 2}."
+                )
             target = next((anchor for anchor in ranked if anchor not in erased), len(table) - 1)
             for name in delta.tensors:
                 base = base_parameters[name].double()
