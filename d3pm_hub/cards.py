@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from .deltas import ConceptDelta
 from .hub import CARD_SUFFIX, DELTAS_FOLDER
-from .paths import DEFAULT_PIPELINE, PRETRAINED, REPO_ROOT
+from .paths import DEFAULT_PIPELINE, PRETRAINED, REPO_ROOT, atomic_write_text
 
 TEMPLATES = REPO_ROOT / "model_cards"
 BASE_TEMPLATE = TEMPLATES / "base_model.md.j2"
@@ -216,8 +216,7 @@ def write_cards(pretrained: str | Path = PRETRAINED) -> list[Path]:
     written = []
     for path, text in expected_cards(pretrained).items():
         if not path.is_file() or path.read_text() != text:
-            path.write_text(text)
-            written.append(path)
+            written.append(atomic_write_text(path, text))
     return written
 
 

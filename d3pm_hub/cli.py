@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers.utils import make_image_grid
 
-from .paths import DEFAULT_PIPELINE, PRETRAINED
+from .paths import DEFAULT_PIPELINE, PRETRAINED, atomic_write_text
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -151,6 +151,14 @@ def add_hub_verbs(verbs) -> None:
     cards_parser.set_defaults(func=command_cards)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {value}")
+    return value
+
+
 def command_eval(args: argparse.Namespace) -> None:
     from .evaluation import evaluate_pipeline, format_table, load_classifier
     from .pipeline import D3PMPipeline
@@ -170,8 +178,8 @@ def command_eval(args: argparse.Namespace) -> None:
     result["model"] = str(args.model)
     table = format_table(result)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    (output_dir / "eval.txt").write_text(table + "\n")
+    atomic_write_text(output_dir / "eval.json", json.dumps(result, indent=2))
+    atomic_write_text(output_dir / "eval.txt", table + "\n")
     print(table)
     print(f"Wrote {output_dir / 'eval.json'}, eval.txt and samples.png")
 
@@ -198,14 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample_parser = add_sampler_verb("sample", "write a PNG grid of samples of chosen digits", command_sample)
     sample_parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
-    sample_parser.add_argument("--per-digit", type=int, default=8)
+    sample_parser.add_argument("--per-digit", type=positive_int, default=8)
     sample_parser.add_argument("--output", default="samples.png")
 
     eval_parser = add_sampler_verb(
         "eval", "score a pipeline with the digit classifier (JSON, table, grid)", command_eval
     )
     eval_parser.add_argument("--classifier", default=None, help="classifier folder (default: the shipped one)")
-    eval_parser.add_argument("--samples-per-label", type=int, default=100)
+    eval_parser.add_argument("--samples-per-label", type=positive_int, default=100)
     eval_parser.add_argument("--output-dir", default="eval")
 
     from .erasure import add_erase_arguments, run_erase

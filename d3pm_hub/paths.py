@@ -28,6 +28,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write` of a text file."""
+    return atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+
 def replace_folder(temporary: Path, final: Path) -> Path:
     """Move the complete folder ``temporary`` to ``final``, replacing any folder there, never losing both.
 

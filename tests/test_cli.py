@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from d3pm_hub.cli import main
@@ -71,3 +72,11 @@ def test_eval_end_to_end_writes_json_table_and_grid(tmp_path):
     assert len(result["null_digit_rates"]) == 10 and result["num_inference_steps"] == 2
     assert "digit" in (tmp_path / "eval" / "eval.txt").read_text()
     assert (tmp_path / "eval" / "samples.png").is_file()
+
+
+def test_counts_below_one_are_refused_before_anything_runs(tmp_path, capsys):
+    for argv in (["eval", "--samples-per-label", "0"], ["sample", "--per-digit", "-2"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--output-dir" if argv[0] == "eval" else "--output", str(tmp_path / "out")])
+        assert "must be an integer ≥ 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

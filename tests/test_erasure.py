@@ -8,6 +8,8 @@ is guided away from d). The benchmark measures the real rates on the shipped mod
 """
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -25,6 +27,7 @@ from d3pm_hub.erasure import (
     concept_inversion_attack,
     decoupling_projector,
     erase_closed_form,
+    erase_separable,
     erase_separable_jointly,
     erase_sepme,
 )
@@ -163,6 +166,30 @@ def test_concept_inversion_attack_recovers_evidence(trained):
     assert set(result.tokens) == {5, 30} and result.tokens[30].shape == (2, 32)
     attacked = attacked_parameters(trained, 9, result.tokens[30], erased)
     assert evidence(trained, 9, attacked) > evidence(trained, 9, erased)
+
+
+def test_early_stopping_ends_every_process_at_the_same_step(tmp_path):
+    """Two DDP processes over gloo whose concept losses disagree still stop together (else one hangs or dies)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "ACCELERATE_USE_CPU": "1"}
+    command = [*torchrun, "-m", "tests.distributed_early_stopping"]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = sorted(re.findall(r"rank (\d) steps (\d+)", run.stdout))
+    assert [rank for rank, _ in steps] == ["0", "1"] and steps[0][1] == steps[1][1], run.stdout
+    assert int(steps[0][1]) > 4  # process 0 alone would have stopped after 4 steps
+
+
+def test_exact_edits_refuse_context_tokens_that_are_not_independent():
+    narrow = tiny_pipeline()  # cross_attention_dim 16 < the 24 context tokens
+    with pytest.raises(ValueError, match="context tokens span only 16 dimensions"):
+        erase_closed_form(narrow, [9])
+    assert erase_closed_form(narrow, [9], ridge=0.01).concepts == [9]  # the ridge solution needs no independence
+
+
+def test_separable_refuses_a_delta_of_every_digit_before_training(trained):
+    with pytest.raises(ValueError, match="leaves no digit to anchor"):
+        erase_separable(trained, list(range(10)), steps=1)
 
 
 def test_erase_script_writes_a_loadable_delta(trained, tmp_path):

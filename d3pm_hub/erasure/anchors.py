@@ -64,13 +64,26 @@ def context_token_table(parameters: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return table, torch.cat([table.reshape(-1, shared.shape[1]), shared])
 
 
+def check_independent(tokens: torch.Tensor) -> None:
+    """Raise unless the context tokens ``(N, D)`` are linearly independent: edits that move some tokens' keys and
+    values and hold the others exactly exist only then (N ≤ cross_attention_dim)."""
+    rank = int(torch.linalg.matrix_rank(tokens))
+    if rank < len(tokens):
+        raise ValueError(
+            f"The model's {len(tokens)} context tokens span only {rank} dimensions (cross_attention_dim "
+            f"{tokens.shape[1]}): no edit can move one label's keys/values and hold every other label's exactly. "
+            f"Use a model with cross_attention_dim ≥ {len(tokens)}, or ridge > 0 for an approximate closed form."
+        )
+
+
 def context_token_rows(parameters: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-label tokens and their dual rows R ``(L, n, D)`` (float64): rows of (Cᵀ)⁺, so R_lk · c_j = δ.
 
     ΔW = M R_l ``(out, D)`` changes the keys/values W c of label l's n tokens by the columns of M ``(out, n)``
-    and leaves every other context token's unchanged.
+    and leaves every other context token's unchanged. Raises ValueError when the tokens are not independent.
     """
     table, tokens = context_token_table(parameters)
+    check_independent(tokens)
     rows = torch.linalg.pinv(tokens.T)[: table.shape[0] * table.shape[1]]
     return table, rows.reshape(table.shape)
 

@@ -17,7 +17,8 @@ with the constrained tokens
   with weight w = ``preserve_weight``, so other labels keep their keys and values.
 
 λ = ``ridge`` > 0 gives the ridge solution W' = (Σ ω W c* cᵀ + λ W)(Σ ω c cᵀ + λ I)⁻¹ (UCE); λ = 0 (the default)
-the exact minimum-norm solution ΔW = W (C* − C)ᵀ (Cᵀ)⁺ — every constraint holds to numerical precision (there
+the exact minimum-norm solution ΔW = W (C* − C)ᵀ (Cᵀ)⁺ — every constraint holds to numerical precision (in
+float32; a float16 file rounds it, `ConceptDelta.save`) when the context tokens are independent (there
 are 2·11 + 2 = 24 context tokens and D = 64 in the shipped model). With exact constraints each digit's increment
 is zero on every other digit's tokens, so deltas for different digits add, scale and remove exactly; their null
 label edits add in key/value space (β Σₑ over the erased digits). No gradient steps: milliseconds.
@@ -31,6 +32,7 @@ import torch
 
 from ..deltas import ConceptDelta
 from ..pipeline import D3PMPipeline
+from .anchors import check_independent
 from .common import check_digits, select_parameters
 
 
@@ -99,6 +101,7 @@ def erase_closed_form(
         # ΔW = W (C* − C)ᵀ Ω C (Cᵀ Ω C + λ I)⁻¹ = W · mixing
         mixing = torch.linalg.solve(gram, ((targets - tokens).T @ (weights[:, None] * tokens)).T).T
     else:
+        check_independent(tokens)
         mixing = (targets - tokens).T @ torch.linalg.pinv(tokens.T)  # (D, D): ΔW = W (C* − C)ᵀ (Cᵀ)⁺
     increments = {}
     edited = set(select_parameters(unet, "context"))

@@ -263,7 +263,7 @@ def optimise_increment(
     Minimises ``loss_fn(model, generator)["loss"] + l2_penalty · Σ_g ‖Δ_g‖²``; the loss calls
     ``model(x_t, t, labels)`` (all groups) or ``model(..., groups=[...])`` (a subset). After every step each
     increment may be replaced by ``project(group, name, Δ)`` (weight decoupling). With ``early_stopping`` the
-    loop ends once ``loss_fn(...)["concept"]`` stops improving. ``lr_schedule`` is a diffusers
+    loop ends once ``loss_fn(...)["concept"]``, averaged over processes, stops improving. ``lr_schedule`` is a diffusers
     `~diffusers.optimization.get_scheduler` name over ``steps`` (``"cosine"`` anneals to 0, which lowers the
     final distillation error of long runs).
 
@@ -302,7 +302,10 @@ def optimise_increment(
                 for group, deltas in enumerate(increments.increments):
                     for name, delta in zip(increments.names, deltas, strict=True):
                         delta.copy_(project(group, name, delta))
-        history.append({key: float(value.detach()) for key, value in losses.items()} | {"lr": step_lr})
+        # Averaged over processes, so every process takes the same early-stopping decision (else one would stop
+        # and leave the others waiting on its gradients).
+        reduced = {key: accelerator.reduce(value.detach().float(), reduction="mean") for key, value in losses.items()}
+        history.append({key: float(value) for key, value in reduced.items()} | {"lr": step_lr})
         if step % 50 == 0:
             logger.info("erase step %d: %s", step, {k: round(v, 5) for k, v in history[-1].items()})
         if early_stopping is not None and early_stopping.update(history[-1]["concept"]):

@@ -22,7 +22,8 @@ This method edits both labels' keys and values in every ``attn2.to_k/to_v``, and
   target instead (it draws what the edited null label draws, at unconditional quality).
 
 Weight decoupling (as in SepME): every increment ΔW is projected onto the null space of the other digits' tokens
-and the shared tokens (ΔW p = 0), so every other label keeps its keys and values exactly; each digit's increment
+and the shared tokens (ΔW p = 0), so every other label keeps its keys and values exactly (up to the float16
+rounding of a saved delta, `ConceptDelta.save`); each digit's increment
 touches only its own tokens and the null label's. Deltas therefore compose by addition; their null label edits
 add in key/value space, which is not by itself the sum of the negative guidance terms (the network is nonlinear in
 them). `erase_separable_jointly` therefore trains one null edit Δ_e per digit *together*: each step draws a subset
@@ -202,7 +203,8 @@ def choose_anchors(
 ) -> dict[int, list[int]]:
     """Ranked anchors per erased digit: `rank_anchors` order, with a given ``anchor`` digit moved first.
 
-    A digit never anchors onto a digit of its own group (``groups``; by default all ``digits`` are one group).
+    A digit never anchors onto a digit of its own group (``groups``; by default all ``digits`` are one group), so
+    a group of every digit is refused.
     """
     groups = groups or [digits]
     if anchor != "auto" and (
@@ -213,6 +215,12 @@ def choose_anchors(
         raise ValueError(
             f"anchor must be 'auto', None or a digit in 0..{unet.null_label - 1} that the same delta does not "
             f"erase, got {anchor!r}."
+        )
+    if any(set(range(unet.null_label)) <= set(group) for group in groups):
+        raise ValueError(
+            "A delta that erases every digit leaves no digit to anchor its labels on: set anchor to None "
+            "(--set anchor=null: the labels are trained to the edited null label), or make one delta per digit "
+            "(--each, or --jointly)."
         )
     anchors = {}
     for group in groups:

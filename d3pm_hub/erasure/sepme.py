@@ -11,10 +11,10 @@ distribution is pulled to softmax(z*), z* = z_∅ − α (z_e − z_∅).
 
       ΔW ← ΔW (I − C⁺ C)      so that      ΔW p = 0  for every preserved token p.
 
-  Keys and values of every other label, and of the null label, are then exactly those of the base model: the
-  other labels' outputs do not change, and deltas for different digits (each annihilating the others' tokens)
-  add, scale and remove exactly. This needs n < D (22 preserved tokens for 10 digits with 2 tokens each plus 2
-  shared; D = 64 in the shipped model).
+  Keys and values of every other label, and of the null label, are then exactly those of the base model (up to
+  the float16 rounding of a saved delta, `ConceptDelta.save`): the other labels' outputs do not change, and
+  deltas for different digits (each annihilating the others' tokens) add, scale and remove exactly. This needs
+  n < D (22 preserved tokens for 10 digits with 2 tokens each plus 2 shared; D = 64 in the shipped model).
 * **Restoration** — dropping a digit's delta (`~d3pm_hub.deltas.remove_deltas`, or composing without it)
   brings that digit back and leaves the others erased.
 """

@@ -261,6 +261,8 @@ def sample_images(
 
     Returns: images (len(labels)·samples_per_label, 1, 28, 28) float in [0, 1] on the CPU, and their labels.
     """
+    if samples_per_label < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"samples_per_label and batch_size must be ≥ 1, got {samples_per_label} and {batch_size}.")
     chunk = samples_per_label if batch_size is None else min(batch_size, samples_per_label)
     images, image_labels = [], []
     for label in labels:
