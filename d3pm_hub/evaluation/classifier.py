@@ -91,7 +91,7 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
             raise FileNotFoundError(
                 f"No shipped classifier at {path}; train one with `python training/train_classifier.py`."
             )
-    return DigitClassifier.from_pretrained(path).eval()
+    return DigitClassifier.from_pretrained(path, use_safetensors=True).eval()  # never a pickled .bin
 
 
 def quantize_images(images: torch.Tensor, num_levels: int) -> torch.Tensor:

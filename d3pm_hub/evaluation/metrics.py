@@ -303,7 +303,7 @@ def evaluate_pipeline(
         seed: base seed; see :func:`sample_images` for how it is spread over labels and calls.
         include_null: also sample the null label and report ``null_digit_rates``.
         batch_size: most images per pipeline call (None: one call per label).
-        reference: :func:`real_reference` to reuse across calls (computed at 32 levels when None).
+        reference: :func:`real_reference` to reuse across calls (computed at the model's grey levels when None).
         grid_path: if given, a PNG grid of the samples (:func:`save_grid`) is written there.
 
     Returns:
@@ -311,6 +311,13 @@ def evaluate_pipeline(
         ``guidance_scale``, ``seed``, ``batch_size`` and ``sampling_seconds``.
     """
     settings = _sampler_settings(pipeline, num_inference_steps, guidance_scale)
+    num_levels = pipeline.scheduler.config.num_classes
+    reference = reference if reference is not None else real_reference(classifier, num_levels)
+    if reference.num_levels != num_levels:
+        raise ValueError(
+            f"The real-digit reference is at {reference.num_levels} grey levels, the model samples {num_levels}: "
+            f"build it with real_reference(classifier, num_levels={num_levels})."
+        )
     labels = list(range(NUM_DIGITS)) + ([NULL_LABEL] if include_null else [])
     start = time.perf_counter()
     images, image_labels = sample_images(
@@ -319,7 +326,6 @@ def evaluate_pipeline(
     sampling_seconds = time.perf_counter() - start
     if grid_path is not None:
         save_grid(images, image_labels, grid_path)
-    reference = reference if reference is not None else real_reference(classifier)
     result = evaluate_images(classifier, images, image_labels, reference)
     result.update(settings)
     result.update(
