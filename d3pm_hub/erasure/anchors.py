@@ -115,13 +115,14 @@ def anchor_corrections(
         for digit, ranked in anchors_of(delta.hyperparameters).items():
             if not strength or ranked[0] not in erased:
                 continue
-            if table is None:
-                table, rows = context_token_rows(base_parameters)
-            if max(digit, *ranked) >= len(table) - 1:
+            null = base_parameters[EMBEDDING].shape[0] - 1
+            if max(digit, *ranked) >= null:
                 raise ValueError(
                     f"The {delta.method} delta anchors digit {digit} on {ranked}: this model's labels are "
-                    f"0..{len(table) - 2}."
+                    f"0..{null - 1}."
                 )
+            if table is None:
+                table, rows = context_token_rows(base_parameters)
             target = next((anchor for anchor in ranked if anchor not in erased), len(table) - 1)
             for name in delta.tensors:
                 base = base_parameters[name].double()
