@@ -46,7 +46,7 @@ from ..deltas import FORMAT_VERSION, ConceptDelta
 from ..pipeline import D3PMPipeline
 from ..unet import D3PMUNet
 from .anchors import context_token_rows
-from .common import frozen_copy
+from .common import NEGATIVE_GUIDANCE, frozen_copy
 from .on_policy import RoundSettings, fit_corrections, null_target_settings, without_pair_terms
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,10 @@ class PairSettings:
             `~.posterior.null_label_target`) in this run's rounds; None: the singles' β. A pair may need more
             than a single: sampled exactly, the mixture at the singles' β = 2 lets 7 back in 4% of 0+7's null
             samples. The record keeps each round's β (``null_alphas``), so refining can change it.
+        null_combine: how the targeted rounds' target guides away from the pair (`~.posterior.null_label_target`):
+            ``"mixture"`` (every round of all pairs) or ``"sum"``, for a pair whose mixture target itself lets a
+            digit back: sampled exactly, 6+7's lets 6 back in 3.5% of null samples at β = 2 and 2.0% at β = 3 or 4,
+            the sum at β = 2 in 0.25% (`benchmarks/erasure_targets.py`). Only with ``pairs``; recorded per round.
     """
 
     steps: int = 4500
@@ -91,6 +95,7 @@ class PairSettings:
     refine_trajectories: int = 64
     refine_timesteps: list[int] | None = None
     null_alpha: float | None = None
+    null_combine: str = "mixture"
 
 
 def partner_key(delta: ConceptDelta) -> str:
@@ -208,6 +213,11 @@ def train_pair_interactions(
     if pairs is not None and not refine:
         raise ValueError("pairs chooses the pair terms that refine adds rounds to: pass refine=True (--refine) too.")
     settings = PairSettings(**settings)
+    if settings.null_combine not in NEGATIVE_GUIDANCE or (settings.null_combine != "mixture" and pairs is None):
+        raise ValueError(
+            f"null_combine must be 'mixture', or 'sum' for targeted rounds of chosen pairs (--refine --pairs), "
+            f"got {settings.null_combine!r}."
+        )
     target_settings = null_target_settings(deltas)
     if len(deltas) < 2:
         raise ValueError("Pair terms need two or more single-digit 'separable' deltas (trained with --jointly).")
@@ -295,7 +305,7 @@ def fit_pair_round(
     logger.info("pair terms: a round of %d pairs at β = %s", len(pairs), plan["null_alpha"])
     compositions = [[deltas[i], deltas[j]] for i, j in pairs]
     references = [[without_pair_terms(deltas[i]), without_pair_terms(deltas[j])] for i, j in pairs]
-    target = target_settings | {"beta": plan["null_alpha"]}
+    target = target_settings | {"beta": plan["null_alpha"], "combine": plan.get("null_combine", "mixture")}
     corrections, kl, seconds = fit_corrections(pipeline, frozen, compositions, references, round_settings, target)
     terms = added_terms(frozen, deltas, pairs, corrections)
     return terms, {pair_name(deltas, pair): value for pair, value in zip(pairs, kl, strict=True)}, seconds
@@ -379,7 +389,8 @@ def refined_settings(
     }
     earlier = previous.get("rounds", 1)
     if pairs is not None:
-        return previous | {"targeted": targeted_rounds(deltas, previous, refinement, alpha, pairs, settings.rounds)}
+        targeted = refinement | {"null_combine": settings.null_combine}
+        return previous | {"targeted": targeted_rounds(deltas, previous, targeted, alpha, pairs, settings.rounds)}
     if earlier > 1 and any(previous.get(key) != value for key, value in refinement.items()):
         raise ValueError(f"Earlier rounds were refined with {previous}; refine again with the same refine_* settings.")
     alphas = round_alphas(previous, null_target_settings(deltas)) + [alpha] * settings.rounds

@@ -24,14 +24,13 @@ run (every step a different subset S) costs one forward pass per label per poole
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..scheduler import D3PMScheduler
 from ..unet import D3PMUNet
-from .common import DigitSampler
+from .common import DigitSampler, guide_away
 
 NULL_TARGET_BASES = ("posterior", "unconditional")
 
@@ -73,6 +72,7 @@ def null_label_target(
     beta: float = 0.0,
     base: str = "posterior",
     sharpness: float = 1.0,
+    combine: str = "mixture",
 ) -> torch.Tensor:
     """Target logits ``(B, K, H, W)`` of the null label with ``digits`` erased (module docstring).
 
@@ -81,6 +81,8 @@ def null_label_target(
             the ``"posterior"`` base needs it).
         digits: the erased set S; beta: negative guidance strength β; base: ``"posterior"`` or ``"unconditional"``;
         sharpness: the exponent γ on the posterior weights.
+        combine: guide away from the mixture of the erased digits, β (log (1/|S|) Σₑ pₑ − log p_∅), or from
+            each, β Σₑ (log pₑ − log p_∅) (``"sum"``; `~.common.guide_away`).
     """
     if base not in NULL_TARGET_BASES:
         raise ValueError(f"Unknown null target base {base!r}; choose one of {NULL_TARGET_BASES}.")
@@ -94,10 +96,7 @@ def null_label_target(
         kept = [label for label in range(len(log_labels)) if label not in digits]
         log_weights = sharpness * posterior[kept].float().clamp_min(1e-12).log()[..., None, None, None]
         target = torch.logsumexp(log_weights + log_labels[kept], 0) - torch.logsumexp(log_weights, 0)
-    if beta:
-        erased = torch.logsumexp(log_labels[digits], 0) - math.log(len(digits))
-        target = target - beta * (erased - log_null)
-    return target
+    return guide_away(target, log_null, log_labels[digits], beta, combine) if beta else target
 
 
 @dataclass
