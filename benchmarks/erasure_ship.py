@@ -48,6 +48,14 @@ TARGETED_ROUNDS = {
         dict(pairs=["1+8", "2+6"], rounds=1, refine_steps=12000, refine_trajectories=128),
         dict(pairs=["2+6"], rounds=2, refine_steps=13500, refine_trajectories=128, refine_timesteps=[358, 643]),
         dict(pairs=["6+7"], rounds=1, null_alpha=2.0, null_combine="sum", refine_steps=12000, refine_trajectories=128),
+        dict(
+            pairs=["0+7", "2+9"],
+            rounds=1,
+            null_alpha=2.0,
+            null_combine="sum",
+            refine_steps=12000,
+            refine_trajectories=128,
+        ),
     ]
 }
 # Kept when a delta is re-measured.
