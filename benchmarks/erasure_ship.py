@@ -56,6 +56,7 @@ TARGETED_ROUNDS = {
             refine_steps=12000,
             refine_trajectories=128,
         ),
+        dict(pairs=["6+9"], rounds=1, null_alpha=2.0, null_combine="sum", refine_steps=12000, refine_trajectories=128),
     ]
 }
 # Kept when a delta is re-measured.
