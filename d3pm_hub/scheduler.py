@@ -185,7 +185,7 @@ class D3PMScheduler(SchedulerMixin, ConfigMixin):
     def q_probs(self, x0: torch.LongTensor, timesteps: torch.LongTensor) -> torch.Tensor:
         """q(x_t | x_0) = x_0 Q̄_t: ``(B, H, W, S)`` float64 for x0 ``(B, 1, H, W)`` and timesteps ``(B,)``."""
         timesteps = timesteps.long()
-        if timesteps.numel() and (timesteps.min() < 0 or timesteps.max() > len(self)):
+        if bool(((timesteps < 0) | (timesteps > len(self))).any()):
             raise ValueError(f"timesteps must lie in 0..{len(self)} (num_train_timesteps), got {timesteps.tolist()}.")
         q_bar = self._on(x0.device, "q_cumulative")[timesteps]  # (B, S, S)
         rows = x0[:, 0].long()  # (B, H, W)
@@ -214,7 +214,7 @@ class D3PMScheduler(SchedulerMixin, ConfigMixin):
             t, s: ``(B,)`` int64 with s < t.
         Returns: ``(B, H, W, S)`` float64 log-probabilities of x_s.
         """
-        if t.numel() and not (bool((s >= 0).all()) and bool((s < t).all()) and t.max() <= len(self)):
+        if not bool(((s >= 0) & (s < t) & (t <= len(self))).all()):  # one device sync
             raise ValueError(
                 f"Posteriors need timesteps 0 <= s < t <= {len(self)} (num_train_timesteps); got t={t.tolist()}, "
                 f"s={s.tolist()}. Training timesteps t are drawn from 1..T."

@@ -304,8 +304,8 @@ def optimise_increment(
                         delta.copy_(project(group, name, delta))
         # Averaged over processes, so every process takes the same early-stopping decision (else one would stop
         # and leave the others waiting on its gradients).
-        reduced = {key: accelerator.reduce(value.detach().float(), reduction="mean") for key, value in losses.items()}
-        history.append({key: float(value) for key, value in reduced.items()} | {"lr": step_lr})
+        reduced = accelerator.reduce(torch.stack([value.detach().float() for value in losses.values()]), "mean")
+        history.append(dict(zip(losses, reduced.tolist(), strict=True)) | {"lr": step_lr})
         if step % 50 == 0:
             logger.info("erase step %d: %s", step, {k: round(v, 5) for k, v in history[-1].items()})
         if early_stopping is not None and early_stopping.update(history[-1]["concept"]):

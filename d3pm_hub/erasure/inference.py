@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..deltas import base_model_hash
-from ..paths import atomic_write
+from ..paths import atomic_write_text
 from ..pipeline import D3PMPipeline
 from .common import NEGATIVE_GUIDANCE, check_digits, guide_away
 
@@ -81,7 +81,7 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
             "base_model": base_model,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        return atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(config, indent=1)))
+        return atomic_write_text(path, json.dumps(config, indent=1))
 
     @classmethod
     def load_erasure(cls, pipeline: D3PMPipeline, path: str | Path) -> InferenceTimeErasurePipeline:
