@@ -244,6 +244,10 @@ def train(config: TrainConfig) -> list[float]:
         ema.copy_to(final_unet.parameters())
         final_pipeline = D3PMPipeline(unet=final_unet, scheduler=scheduler)
         save_pipeline_atomically(final_pipeline, output_dir, getattr(torch, config.save_dtype))
+    # A barrier as the last collective: a process that destroyed the group right after the gather could free it
+    # (with the DDP reducer, GIL held) while a gloo thread still releases the gather's tensors, which needs the
+    # GIL: a deadlock at exit (pytorch/pytorch#56297). Seen about once in ten 2-process CPU runs.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return losses
 
@@ -290,10 +294,15 @@ def run_training_loop(
                 lr_scheduler.step()
                 optimizer.zero_grad()
         ema.step(unet.parameters())
-        loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        losses.append(loss_value)
         done = step + 1
         elapsed = time.perf_counter() - started
+        out_of_time = config.max_train_seconds is not None and elapsed > config.max_train_seconds
+        # One collective for both: every process must stop at the same step, or the others wait on it forever.
+        loss_value, processes_out_of_time = accelerator.reduce(
+            torch.stack([loss.detach().float(), torch.tensor(float(out_of_time), device=loss.device)]), "sum"
+        ).tolist()
+        loss_value /= accelerator.num_processes
+        losses.append(loss_value)
         images_per_second = (done - start_step) * config.batch_size * config.gradient_accumulation_steps / elapsed
         if done % config.log_steps == 0 or done == config.max_steps:
             progress.set_postfix(loss=f"{loss_value:.4f}", images_per_s=f"{images_per_second:.0f}")
@@ -304,7 +313,7 @@ def run_training_loop(
             save_ema_samples(
                 accelerator, unet, scheduler, ema, output_dir / "samples" / f"step-{done}.png", config.seed
             )
-        if config.max_train_seconds is not None and elapsed > config.max_train_seconds:
+        if processes_out_of_time > 0:
             save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
             break
     return losses

@@ -21,6 +21,21 @@ from d3pm_hub.training import TrainConfig, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Multi-process CPU runs: gloo on the loopback interface (the host name may resolve to an address the ranks cannot
+# reach quickly), one thread per process.
+GLOO_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def run_on_two_processes(module: str, *args: str) -> str:
+    """``torchrun --standalone --nproc_per_node 2 -m module *args`` over gloo on the CPU; returns its stdout."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run(
+        [*torchrun, "-m", module, *args], cwd=REPO, env=GLOO_ENV, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
 # Tiny models run fastest on one thread, and multi-threaded small ops slow to a crawl on a busy 2-core machine.
 torch.set_num_threads(1)
 

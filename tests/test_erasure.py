@@ -8,7 +8,6 @@ is guided away from d). The benchmark measures the real rates on the shipped mod
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from d3pm_hub.erasure.anchors import anchors_of, context_token_table, rank_ancho
 from d3pm_hub.erasure.common import DigitSampler, guide_away, optimise_increment, select_parameters
 from d3pm_hub.erasure.posterior import class_posterior, null_label_target
 
-from .conftest import REPO, null_target_mismatch, run_erase_script, tiny_pipeline
+from .conftest import REPO, null_target_mismatch, run_erase_script, run_on_two_processes, tiny_pipeline
 
 FAST_GRADIENT = dict(steps=20, learning_rate=1e-2, batch_size=8)
 
@@ -170,13 +169,9 @@ def test_concept_inversion_attack_recovers_evidence(trained):
 
 def test_early_stopping_ends_every_process_at_the_same_step(tmp_path):
     """Two DDP processes over gloo whose concept losses disagree still stop together (else one hangs or dies)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "ACCELERATE_USE_CPU": "1"}
-    command = [*torchrun, "-m", "tests.distributed_early_stopping"]
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    steps = sorted(re.findall(r"rank (\d) steps (\d+)", run.stdout))
-    assert [rank for rank, _ in steps] == ["0", "1"] and steps[0][1] == steps[1][1], run.stdout
+    stdout = run_on_two_processes("tests.distributed_early_stopping")
+    steps = sorted(re.findall(r"rank (\d) steps (\d+)", stdout))
+    assert [rank for rank, _ in steps] == ["0", "1"] and steps[0][1] == steps[1][1], stdout
     assert int(steps[0][1]) > 4  # process 0 alone would have stopped after 4 steps
 
 

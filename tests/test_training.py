@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from d3pm_hub import D3PMPipeline
 from d3pm_hub.paths import replace_folder
 from d3pm_hub.training import MAX_SEED, TrainConfig, find_latest_checkpoint, train
 
-from .conftest import TINY_UNET
+from .conftest import GLOO_ENV, TINY_UNET, run_on_two_processes
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAINING = dict(num_levels=8, num_train_timesteps=50, batch_size=8, log_steps=1, lr_warmup_steps=0, **TINY_UNET)
@@ -92,29 +93,20 @@ def test_replace_folder_keeps_the_old_folder_until_the_new_one_is_in(tmp_path):
     assert [p.name for p in final.iterdir()] == ["new.txt"]
 
 
-def run_launcher(prefix: list[str], output_dir: Path, attempts: int = 1) -> None:
-    """Run training/train.py for 4 tiny steps under a launcher; a run that stalls past 150 s is retried.
-
-    ``attempts`` > 1 only for the 2-process gloo run: on the 2-core CI machine it has stalled mid-run twice in
-    about twenty runs (both ranks blocked in a collective, no error). A real deadlock stalls every attempt.
-    """
+def run_launcher(prefix: list[str], output_dir: Path) -> None:
+    """Run training/train.py for 4 tiny steps under a launcher; a run that stalls past 150 s fails the test."""
     command = [*prefix, str(REPO / "training" / "train.py"), *tiny_cli_args(output_dir, 4, 0)]
-    # gloo on the loopback interface: the host name may resolve to an address the ranks cannot reach quickly.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     log = output_dir / "launcher.log"
-    for attempt in range(1, attempts + 1):
-        with log.open("w") as output:  # a file, not a pipe: a killed run's orphans cannot block the read
-            process = subprocess.Popen(
-                command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-            )  # its own process group: a stall kills every rank
-            try:
-                process.wait(timeout=150)
-                break
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                if attempt == attempts:
-                    raise
+    with log.open("w") as output:  # a file, not a pipe: a killed run's orphans cannot block the read
+        process = subprocess.Popen(
+            command, env=GLOO_ENV, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )  # its own process group: a stall kills every rank
+        try:
+            process.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise AssertionError(f"stalled past 150 s:\n{log.read_text()[-3000:]}") from None
     assert process.returncode == 0, log.read_text()[-3000:]
     assert (output_dir / "pipeline" / "model_index.json").is_file()
 
@@ -122,9 +114,16 @@ def run_launcher(prefix: list[str], output_dir: Path, attempts: int = 1) -> None
 def test_two_process_ddp_run_keeps_replicas_in_sync(tmp_path):
     """DDP over gloo on CPU: `torchrun --nproc_per_node 2 training/train.py`."""
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    run_launcher(torchrun, tmp_path, attempts=2)
+    run_launcher(torchrun, tmp_path)
     checksums = json.loads((tmp_path / "replica_checksums.json").read_text())
     assert len(checksums) == 2 and checksums[0] == pytest.approx(checksums[1], abs=0, rel=0)
+
+
+def test_a_time_limit_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """Only process 1 is past ``max_train_seconds``; both must stop after step 1 (else one waits forever)."""
+    stdout = run_on_two_processes("tests.distributed_time_limit", str(tmp_path))
+    assert sorted(re.findall(r"rank (\d) steps (\d+)", stdout)) == [("0", "1"), ("1", "1")], stdout
+    assert find_latest_checkpoint(tmp_path).name == "checkpoint-1"
 
 
 def test_accelerate_launch_trains_end_to_end(tmp_path):
