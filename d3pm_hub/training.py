@@ -244,10 +244,11 @@ def train(config: TrainConfig) -> list[float]:
         ema.copy_to(final_unet.parameters())
         final_pipeline = D3PMPipeline(unet=final_unet, scheduler=scheduler)
         save_pipeline_atomically(final_pipeline, output_dir, getattr(torch, config.save_dtype))
-    # A barrier as the last collective: a process that destroyed the group right after the gather could free it
-    # (with the DDP reducer, GIL held) while a gloo thread still releases the gather's tensors, which needs the
-    # GIL: a deadlock at exit (pytorch/pytorch#56297). Seen about once in ten 2-process CPU runs.
-    accelerator.wait_for_everyone()
+    # Free the DDP wrapper while the process group is still registered. Its reducer holds the group: were it freed
+    # last there, ~ProcessGroupGloo would join gloo's threads with the GIL held while one of them needs the GIL to
+    # release a finished collective's tensors, a deadlock (pytorch/pytorch#56297; one 2-process CPU run in ten hung).
+    del unet
+    accelerator.free_memory()  # drops the accelerator's reference, the last one
     accelerator.end_training()
     return losses
 
