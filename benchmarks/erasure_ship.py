@@ -52,6 +52,7 @@ TARGETED_ROUNDS = {
         SUM_ROUND | dict(pairs=["6+7"]),
         SUM_ROUND | dict(pairs=["0+7", "2+9"]),
         SUM_ROUND | dict(pairs=["6+9"]),
+        SUM_ROUND | dict(pairs=["3+4"]),
     ]
 }
 # Kept when a delta is re-measured.
