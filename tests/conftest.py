@@ -1,6 +1,7 @@
 """Shared fixtures: tiny components, offline Hub, CPU only."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,14 +27,29 @@ REPO = Path(__file__).resolve().parent.parent
 GLOO_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
-def run_on_two_processes(module: str, *args: str) -> str:
-    """``torchrun --standalone --nproc_per_node 2 -m module *args`` over gloo on the CPU; returns its stdout."""
+def run_until_done(command: list[str], log: Path, timeout: float = 240) -> str:
+    """Run ``command`` (in `GLOO_ENV`) in its own process group, its output in ``log``; returns that output.
+
+    A run past ``timeout`` seconds has its whole group killed (every rank under a launcher) and fails the test.
+    """
+    with log.open("w") as output:  # a file, not a pipe: a killed run's orphans cannot block the read
+        process = subprocess.Popen(
+            command, cwd=REPO, env=GLOO_ENV, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise AssertionError(f"stalled past {timeout} s:\n{log.read_text()[-3000:]}") from None
+    assert process.returncode == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
+def run_on_two_processes(module: str, log: Path, *args: str) -> str:
+    """``torchrun --standalone --nproc_per_node 2 -m module *args`` over gloo on the CPU; returns its output."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run = subprocess.run(
-        [*torchrun, "-m", module, *args], cwd=REPO, env=GLOO_ENV, capture_output=True, text=True, timeout=240
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
+    return run_until_done([*torchrun, "-m", module, *args], log)
 
 
 # Tiny models run fastest on one thread, and multi-threaded small ops slow to a crawl on a busy 2-core machine.

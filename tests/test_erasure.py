@@ -169,7 +169,7 @@ def test_concept_inversion_attack_recovers_evidence(trained):
 
 def test_early_stopping_ends_every_process_at_the_same_step(tmp_path):
     """Two DDP processes over gloo whose concept losses disagree still stop together (else one hangs or dies)."""
-    stdout = run_on_two_processes("tests.distributed_early_stopping")
+    stdout = run_on_two_processes("tests.distributed_early_stopping", tmp_path / "torchrun.log")
     steps = sorted(re.findall(r"rank (\d) steps (\d+)", stdout))
     assert [rank for rank, _ in steps] == ["0", "1"] and steps[0][1] == steps[1][1], stdout
     assert int(steps[0][1]) > 4  # process 0 alone would have stopped after 4 steps

@@ -15,7 +15,7 @@ from d3pm_hub import D3PMPipeline
 from d3pm_hub.paths import replace_folder
 from d3pm_hub.training import MAX_SEED, TrainConfig, find_latest_checkpoint, train
 
-from .conftest import GLOO_ENV, TINY_UNET, run_on_two_processes
+from .conftest import TINY_UNET, run_on_two_processes, run_until_done
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAINING = dict(num_levels=8, num_train_timesteps=50, batch_size=8, log_steps=1, lr_warmup_steps=0, **TINY_UNET)
@@ -95,19 +95,11 @@ def test_replace_folder_keeps_the_old_folder_until_the_new_one_is_in(tmp_path):
 
 def run_launcher(prefix: list[str], output_dir: Path) -> None:
     """Run training/train.py for 4 tiny steps under a launcher; a run that stalls past 150 s fails the test."""
-    command = [*prefix, str(REPO / "training" / "train.py"), *tiny_cli_args(output_dir, 4, 0)]
-    log = output_dir / "launcher.log"
-    with log.open("w") as output:  # a file, not a pipe: a killed run's orphans cannot block the read
-        process = subprocess.Popen(
-            command, env=GLOO_ENV, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )  # its own process group: a stall kills every rank
-        try:
-            process.wait(timeout=150)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise AssertionError(f"stalled past 150 s:\n{log.read_text()[-3000:]}") from None
-    assert process.returncode == 0, log.read_text()[-3000:]
+    run_until_done(
+        [*prefix, str(REPO / "training" / "train.py"), *tiny_cli_args(output_dir, 4, 0)],
+        output_dir / "launcher.log",
+        timeout=150,
+    )
     assert (output_dir / "pipeline" / "model_index.json").is_file()
 
 
@@ -121,7 +113,7 @@ def test_two_process_ddp_run_keeps_replicas_in_sync(tmp_path):
 
 def test_a_time_limit_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     """Only process 1 is past ``max_train_seconds``; both must stop after step 1 (else one waits forever)."""
-    stdout = run_on_two_processes("tests.distributed_time_limit", str(tmp_path))
+    stdout = run_on_two_processes("tests.distributed_time_limit", tmp_path / "torchrun.log", str(tmp_path))
     assert sorted(re.findall(r"rank (\d) steps (\d+)", stdout)) == [("0", "1"), ("1", "1")], stdout
     assert find_latest_checkpoint(tmp_path).name == "checkpoint-1"
 
