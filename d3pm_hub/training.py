@@ -246,7 +246,7 @@ def train(config: TrainConfig) -> list[float]:
         save_pipeline_atomically(final_pipeline, output_dir, getattr(torch, config.save_dtype))
     # Free the DDP wrapper while the process group is still registered. Its reducer holds the group: were it freed
     # last there, ~ProcessGroupGloo would join gloo's threads with the GIL held while one of them needs the GIL to
-    # release a finished collective's tensors, a deadlock (pytorch/pytorch#56297; one 2-process CPU run in ten hung).
+    # release a finished collective's tensors, a deadlock (pytorch/pytorch#56297; 2 of 15 2-process CPU runs hung).
     del unet
     accelerator.free_memory()  # drops the accelerator's reference, the last one
     accelerator.end_training()
@@ -299,10 +299,9 @@ def run_training_loop(
         elapsed = time.perf_counter() - started
         out_of_time = config.max_train_seconds is not None and elapsed > config.max_train_seconds
         # One collective for both: every process must stop at the same step, or the others wait on it forever.
-        loss_value, processes_out_of_time = accelerator.reduce(
-            torch.stack([loss.detach().float(), torch.tensor(float(out_of_time), device=loss.device)]), "sum"
+        loss_value, share_out_of_time = accelerator.reduce(
+            torch.stack([loss.detach().float(), torch.tensor(float(out_of_time), device=loss.device)]), "mean"
         ).tolist()
-        loss_value /= accelerator.num_processes
         losses.append(loss_value)
         images_per_second = (done - start_step) * config.batch_size * config.gradient_accumulation_steps / elapsed
         if done % config.log_steps == 0 or done == config.max_steps:
@@ -314,7 +313,7 @@ def run_training_loop(
             save_ema_samples(
                 accelerator, unet, scheduler, ema, output_dir / "samples" / f"step-{done}.png", config.seed
             )
-        if processes_out_of_time > 0:
+        if share_out_of_time > 0:  # any process
             save_checkpoint(accelerator, output_dir, done, config.checkpoints_total_limit)
             break
     return losses
