@@ -6,17 +6,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from d3pm_hub.cards import delta_card
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.erasure import add_erase_arguments, interactions, refine_singles, run_erase, train_pair_interactions
 from d3pm_hub.erasure.anchors import context_token_table
-from d3pm_hub.erasure.on_policy import failure_weights
-from d3pm_hub.erasure.reading import read_digits
-from d3pm_hub.pipeline import DEFAULT_NUM_INFERENCE_STEPS
 
-from .conftest import null_target_mismatch, run_erase_script, tiny_pipeline
+from .conftest import null_target_mismatch, run_erase_script
 
 SINGLE_SETTINGS = dict(rounds=1, steps=60, learning_rate=1e-2, batch_size=8, trajectories=4, eval_trajectories=2)
 
@@ -28,40 +24,6 @@ def refined_seven(trained, paired) -> tuple[list[ConceptDelta], dict[str, list[f
 
 def compose(pipeline, deltas) -> dict[str, torch.Tensor]:
     return compose_parameters(pipeline.unet, deltas)
-
-
-class LevelPerLabel(torch.nn.Module):
-    """A stand-in model over 8 levels whose x0 prediction for label c (0..3; 4 is null) is the constant image of
-    level c, whatever x_t: it explains an image of constant level c best under label c."""
-
-    null_label = 4
-    device = torch.device("cpu")
-
-    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return 10.0 * F.one_hot(labels, 8).float()[:, :, None, None].expand(-1, -1, *x_t.shape[2:])
-
-
-def constant_images(levels: list[int]) -> torch.Tensor:
-    return torch.tensor(levels)[:, None, None, None].expand(-1, 1, 6, 6).clone()
-
-
-def test_reading_picks_the_label_whose_prediction_explains_the_image():
-    scheduler = tiny_pipeline().scheduler
-    images = constant_images([2, 0, 3, 1, 2])
-    read = read_digits(LevelPerLabel(), scheduler, images, torch.Generator().manual_seed(0), chunk=3)
-    assert read.tolist() == [2, 0, 3, 1, 2]
-
-
-def test_failure_weights_put_the_focus_share_on_failed_trajectories():
-    pipeline, model, generator = tiny_pipeline(), LevelPerLabel(), torch.Generator().manual_seed(0)
-    samples = constant_images([2, 0, 3, 1, 2])  # trajectories 0 and 4 drew the erased 2
-    weights = failure_weights(pipeline, model, samples, [2], 0.5, generator)
-    steps = DEFAULT_NUM_INFERENCE_STEPS - 1  # the states after every step but the last
-    assert len(weights) == steps * len(samples) and torch.allclose(weights.sum(), torch.ones((), dtype=weights.dtype))
-    per_trajectory = torch.tensor([0.35, 0.1, 0.1, 0.1, 0.35], dtype=weights.dtype)  # 0.5/2 + 0.5/5, 0.5/5
-    assert torch.allclose(weights.view(steps, len(samples)).sum(0), per_trajectory)  # state k·count + i is i's
-    assert failure_weights(pipeline, model, samples, [2], 0.0, generator) is None  # no focus: uniform
-    assert failure_weights(pipeline, model, constant_images([0, 3]), [1], 0.5, generator) is None  # none failed
 
 
 def test_a_single_round_brings_the_null_label_closer_to_its_target(trained, singles, paired, refined_seven):

@@ -80,9 +80,6 @@ class PairSettings:
             ``"mixture"`` (every round of all pairs) or ``"sum"``, for a pair whose mixture target itself lets a
             digit back: sampled exactly, 6+7's lets 6 back in 3.5% of null samples at β = 2 and 2.0% at β = 3 or 4,
             the sum at β = 2 in 0.25% (`benchmarks/erasure_targets.py`). Only with ``pairs``; recorded per round.
-        refine_focus: the targeted rounds' share of each batch from the states of the pair's failed trajectories
-            (`~.on_policy.RoundSettings.focus`): where a lower KL over all states no longer lowers the rate. Only
-            with ``pairs``; recorded per round.
     """
 
     steps: int = 4500
@@ -99,7 +96,6 @@ class PairSettings:
     refine_timesteps: list[int] | None = None
     null_alpha: float | None = None
     null_combine: str = "mixture"
-    refine_focus: float = 0.0
 
 
 def partner_key(delta: ConceptDelta) -> str:
@@ -222,8 +218,6 @@ def train_pair_interactions(
             f"null_combine must be 'mixture', or 'sum' for targeted rounds of chosen pairs (--refine --pairs), "
             f"got {settings.null_combine!r}."
         )
-    if settings.refine_focus and pairs is None:
-        raise ValueError("refine_focus is for targeted rounds of chosen pairs: pass --refine --pairs too.")
     target_settings = null_target_settings(deltas)
     if len(deltas) < 2:
         raise ValueError("Pair terms need two or more single-digit 'separable' deltas (trained with --jointly).")
@@ -307,7 +301,6 @@ def fit_pair_round(
         eval_trajectories=settings.eval_trajectories,
         seed=plan["seed"],
         timesteps=plan.get("timesteps"),
-        focus=plan.get("focus", 0.0),
     )
     logger.info("pair terms: a round of %d pairs at β = %s", len(pairs), plan["null_alpha"])
     compositions = [[deltas[i], deltas[j]] for i, j in pairs]
@@ -396,7 +389,7 @@ def refined_settings(
     }
     earlier = previous.get("rounds", 1)
     if pairs is not None:
-        targeted = refinement | {"null_combine": settings.null_combine, "refine_focus": settings.refine_focus}
+        targeted = refinement | {"null_combine": settings.null_combine}
         return previous | {"targeted": targeted_rounds(deltas, previous, targeted, alpha, pairs, settings.rounds)}
     if earlier > 1 and any(previous.get(key) != value for key, value in refinement.items()):
         raise ValueError(f"Earlier rounds were refined with {previous}; refine again with the same refine_* settings.")

@@ -29,7 +29,6 @@ from ..pipeline import DEFAULT_NUM_INFERENCE_STEPS, D3PMPipeline
 from ..unet import D3PMUNet
 from .common import ConceptIncrements, frozen_copy, logit_divergence, optimise_increment, select_parameters
 from .posterior import class_posterior, null_label_target
-from .reading import read_digits
 from .sepme import decoupling_projector
 
 logger = logging.getLogger(__name__)
@@ -46,11 +45,6 @@ class RoundSettings:
         eval_trajectories: further samples per composition whose states give the held-out KL before and after.
         seed: seed of the trajectories, the compositions drawn and the batches.
         timesteps: ``[lo, hi]``: fit (and hold out) only the states with lo ≤ t ≤ hi; None: every state.
-        focus: the share of each batch drawn from the states of the trajectories that ended as one of the
-            composition's erased digits, as the frozen model reads them (`~.reading.read_digits`); 0: uniform.
-            Those trajectories are the erasure's failures, 1–3% of the null-label samples, so a uniform batch
-            almost never holds their states, and the KL averaged over all states can fall without the rate
-            falling (BENCHMARKS.md §4). The held-out KL stays uniform.
     """
 
     steps: int
@@ -61,7 +55,6 @@ class RoundSettings:
     eval_trajectories: int = 8
     seed: int = 1
     timesteps: list[int] | None = None
-    focus: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -166,19 +159,12 @@ def fit_corrections(
     device, null = frozen.device, frozen.null_label
     names = select_parameters(frozen, "context")
     erased = [[digit for delta in composition for digit in delta.concepts] for composition in compositions]
-    if not 0.0 <= settings.focus < 1.0:
-        raise ValueError(f"focus is the share of each batch from failed trajectories, in [0, 1); got {settings.focus}.")
     generator = torch.Generator().manual_seed(settings.seed)
-    reader = torch.Generator().manual_seed(settings.seed)
     banks, held_out, offsets = [], [], []
-    for composition, digits in zip(compositions, erased, strict=True):
+    for composition in compositions:
         composed = compose_parameters(pipeline.unet, composition)
-        *states, samples = null_label_states(pipeline, composed, settings.trajectories, generator)
-        weights = failure_weights(pipeline, frozen, samples, digits, settings.focus, reader)
-        banks.append(within((*states, weights), settings))
-        held_out.append(
-            within(null_label_states(pipeline, composed, settings.eval_trajectories, generator)[:2], settings)
-        )
+        banks.append(within(null_label_states(pipeline, composed, settings.trajectories, generator), settings))
+        held_out.append(within(null_label_states(pipeline, composed, settings.eval_trajectories, generator), settings))
         offsets.append(increments_over_base(pipeline, composed, names))
     reference_offsets = [
         increments_over_base(pipeline, compose_parameters(pipeline.unet, reference), names) for reference in references
@@ -192,11 +178,8 @@ def fit_corrections(
 
     def loss_fn(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
         index = int(torch.randint(len(compositions), (), generator=generator))
-        states, timesteps, weights = banks[index]
-        if weights is None:
-            batch = torch.randint(len(states), (settings.batch_size,), generator=generator)
-        else:
-            batch = torch.multinomial(weights, settings.batch_size, replacement=True, generator=generator)
+        states, timesteps = banks[index]
+        batch = torch.randint(len(states), (settings.batch_size,), generator=generator)
         value = loss(model, index, states[batch].to(device), timesteps[batch].to(device), [index], offsets)
         return {"loss": value, "concept": value}
 
@@ -237,50 +220,27 @@ def increments_over_base(
 @torch.no_grad()
 def null_label_states(
     pipeline: D3PMPipeline, parameters: dict[str, torch.Tensor], count: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """States x_t ``(count·(n−1), 1, H, W)`` and their t ``(count·(n−1),)`` that ``count`` null-label samples with
-    ``parameters`` pass through at the pipeline's default sampler (n steps; the pure-noise start left out; state
-    k·count + i is trajectory i's), and the samples ``(count, 1, H, W)`` (int64 levels)."""
+    ``parameters`` pass through at the pipeline's default sampler (n steps; the pure-noise start left out)."""
     scheduler = copy.copy(pipeline.scheduler)
     scheduler.set_timesteps(DEFAULT_NUM_INFERENCE_STEPS)
     upcoming = scheduler.timesteps.tolist()[1:]  # x_t after step k is the input of step k + 1
     states: list[torch.Tensor] = []
 
     def record(_pipeline, index: int, _timestep: int, outputs: dict) -> None:
-        states.append(outputs["sample"].cpu())
+        if index < len(upcoming):
+            states.append(outputs["sample"].cpu())
 
     sampler = D3PMPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
     sampler.set_progress_bar_config(disable=True)
     null = [pipeline.unet.null_label] * count
     sampler(null, generator=generator, output_type="pt", unet_parameters=parameters, callback_on_step_end=record)
-    return torch.cat(states[:-1]), torch.tensor(upcoming).repeat_interleave(count), states[-1]
+    return torch.cat(states), torch.tensor(upcoming).repeat_interleave(count)
 
 
-def failure_weights(
-    pipeline: D3PMPipeline,
-    frozen: D3PMUNet,
-    samples: torch.Tensor,
-    digits: list[int],
-    focus: float,
-    generator: torch.Generator,
-) -> torch.Tensor | None:
-    """Sampling weights ``(count·(n−1),)`` of `null_label_states`' states: ``focus`` of the mass spread over the
-    states of the trajectories whose sample ``(count, 1, H, W)`` the frozen model reads as one of ``digits``
-    (`~.reading.read_digits`), the rest over all states. None (uniform) when ``focus`` is 0 or none failed."""
-    if not focus:
-        return None
-    failed = torch.isin(read_digits(frozen, pipeline.scheduler, samples, generator), torch.tensor(digits)).double()
-    logger.info("on-policy round: %d of %d trajectories read as %s", int(failed.sum()), len(samples), digits)
-    if not failed.any():
-        return None
-    steps = DEFAULT_NUM_INFERENCE_STEPS - 1
-    weights = focus * failed / failed.sum() + (1 - focus) / len(failed)
-    return (weights / steps).repeat(steps)
-
-
-def within(states: tuple, settings: RoundSettings) -> tuple:
-    """The states x_t ``(N, 1, H, W)``, t ``(N,)`` and any per-state tensors ``(N,)`` that follow them (None
-    passes through) of `null_label_states` inside ``settings.timesteps``.
+def within(states: tuple[torch.Tensor, torch.Tensor], settings: RoundSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states x_t ``(N, 1, H, W)`` and t ``(N,)`` of `null_label_states` inside ``settings.timesteps``.
 
     Raises:
         ValueError: a window that holds none of the sampler's timesteps.
@@ -288,12 +248,12 @@ def within(states: tuple, settings: RoundSettings) -> tuple:
     if settings.timesteps is None:
         return states
     low, high = settings.timesteps
-    timesteps = states[1]
+    x_t, timesteps = states
     inside = (timesteps >= low) & (timesteps <= high)
     if not inside.any():
         steps = timesteps.unique().tolist()
         raise ValueError(f"timesteps {settings.timesteps} holds none of the sampler's timesteps {steps}.")
-    return tuple(None if part is None else part[inside] for part in states)
+    return x_t[inside], timesteps[inside]
 
 
 @torch.no_grad()
