@@ -23,7 +23,13 @@ import torch
 
 from d3pm_hub import D3PMPipeline
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
-from d3pm_hub.erasure import METHODS, InferenceTimeErasurePipeline, attacked_parameters, concept_inversion_attack
+from d3pm_hub.erasure import (
+    METHODS,
+    InferenceTimeErasurePipeline,
+    attacked_parameters,
+    concept_inversion_attack,
+    parse_hyperparameters,
+)
 from d3pm_hub.evaluation import evaluate_pipeline, load_classifier, real_reference
 from d3pm_hub.evaluation.classifier import DigitClassifier, predict_proba
 from d3pm_hub.evaluation.metrics import sample_images
@@ -149,10 +155,22 @@ def main() -> None:
     parser.add_argument("--samples-per-label", type=int, default=100)
     parser.add_argument("--attack-budgets", type=int, nargs="*", default=[])
     parser.add_argument("--attack-samples", type=int, default=20)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="override a method's SETTINGS, e.g. esd-u-preserve:preserve_weight=3",
+    )
     add_attack_arguments(parser)
     parser.add_argument("--output", default="benchmarks/results/erasure.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    for assignment in args.set:
+        method, _, value = assignment.partition(":")
+        if method not in SETTINGS or not value:
+            parser.error(f"--set takes METHOD:KEY=VALUE with METHOD one of {sorted(SETTINGS)}, got {assignment!r}.")
+        SETTINGS[method] = SETTINGS[method] | parse_hyperparameters([value])
 
     pipeline, classifier = load_models(args.model)
     reference = real_reference(classifier)
