@@ -144,7 +144,7 @@ def test_a_targeted_round_refits_only_the_chosen_pairs_term(trained, paired, tar
     assert set(kl) == {"4+9"} and kl["4+9"][1] < kl["4+9"][0]
     recorded = chosen[1].hyperparameters["pair_terms"]  # the run's record, in every delta
     assert recorded["rounds"] == 1 and recorded["null_alphas"] == [1.0]
-    plan = dict(steps=60, learning_rate=1e-2, trajectories=4, timesteps=[15, 35], loss="x0", seed=2, null_alpha=3.0)
+    plan = dict(steps=60, learning_rate=1e-2, trajectories=4, timesteps=[15, 35], seed=2, null_alpha=3.0)
     assert recorded["targeted"] == [plan | {"pairs": ["4+9"], "after_round": 1, "null_combine": "sum"}]
     with pytest.raises(ValueError, match="'sum' for targeted rounds of chosen pairs"):
         train_pair_interactions(trained, deltas, refine=True, null_combine="sum")
@@ -165,23 +165,6 @@ def test_a_targeted_round_refits_only_the_chosen_pairs_term(trained, paired, tar
         train_pair_interactions(trained, deltas, refine=True, pairs=["4+5"])
     with pytest.raises(ValueError, match="timesteps \\[200, 300\\] holds none of the sampler's timesteps"):
         train_pair_interactions(trained, deltas, refine=True, pairs=["4+9"], refine_timesteps=[200, 300])
-
-
-def test_a_targeted_round_can_fit_the_reverse_kl_of_the_samplers_steps(trained, paired):
-    deltas, _ = paired
-    settings = REFINE_SETTINGS | {"null_alpha": 1.0, "refine_loss": "reverse-step"}
-    chosen, kl = train_pair_interactions(trained, deltas, refine=True, pairs=["4+7"], **settings)
-    assert set(kl) == {"4+7"} and kl["4+7"][1] < kl["4+7"][0]  # held out, in the round's own loss
-    assert chosen[0].hyperparameters["pair_terms"]["targeted"][-1]["loss"] == "reverse-step"
-    card = str(delta_card(chosen[0], "deltas/separable/digit-4.safetensors"))
-    assert "fitted to the reverse KL of the sampler's steps rather than of the x0 distributions" in card
-    assert "KL of the sampler's steps" not in str(delta_card(deltas[0], "deltas/separable/digit-4.safetensors"))
-    with pytest.raises(
-        ValueError, match="Unknown round loss 'paths'; choose one of \\('x0', 'step', 'reverse-step'\\)"
-    ):
-        train_pair_interactions(
-            trained, deltas, refine=True, pairs=["4+7"], **REFINE_SETTINGS | {"refine_loss": "paths"}
-        )
 
 
 def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singles, tmp_path):

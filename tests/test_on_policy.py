@@ -11,7 +11,6 @@ from d3pm_hub.cards import delta_card
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.erasure import add_erase_arguments, interactions, refine_singles, run_erase, train_pair_interactions
 from d3pm_hub.erasure.anchors import context_token_table
-from d3pm_hub.erasure.on_policy import default_sampler_scheduler, step_divergence
 
 from .conftest import null_target_mismatch, run_erase_script
 
@@ -160,30 +159,3 @@ def test_erase_script_runs_single_rounds_then_completes_the_pair_terms(trained, 
         run_erase(parser.parse_args([*base, "--complete"]))
     with pytest.raises(ValueError, match="Run --single-rounds first"):
         run_erase(parser.parse_args([*base, "--single-rounds", folder, "--pair-terms", folder]))
-
-
-def test_step_divergence_is_the_kl_of_the_samplers_steps_mixed_over_x0(pipeline):
-    scheduler = default_sampler_scheduler(pipeline)
-    generator = torch.Generator().manual_seed(0)
-    x_t = torch.randint(0, pipeline.scheduler.num_states, (3, 1, 2, 2), generator=generator)
-    timesteps = torch.tensor(scheduler.timesteps.tolist()[1:4])
-    logits, target = torch.randn(2, 3, pipeline.unet.config.num_levels, 2, 2, generator=generator).double()
-
-    def step_probs(x0_logits: torch.Tensor) -> torch.Tensor:  # p(x_s | x_t) ∝ Σ_x0 q(x_t | x_s) q(x_s | x0) p(x0)
-        rows = []
-        for b, t in enumerate(timesteps.tolist()):
-            s = scheduler.previous_timesteps[t]
-            forward, marginal = scheduler.multistep_matrix(t, s), scheduler.q_cumulative[s]
-            p_x0 = torch.softmax(x0_logits[b], 0).permute(1, 2, 0)  # (H, W, K)
-            joint = (p_x0 @ marginal[: p_x0.shape[-1]]) * forward[:, x_t[b, 0]].permute(1, 2, 0)
-            rows.append(joint / joint.sum(-1, keepdim=True))
-        return torch.stack(rows)  # (B, H, W, S)
-
-    p, p_star = step_probs(logits), step_probs(target)
-    expected = (p_star * (p_star.log() - p.log())).sum(-1).mean()
-    torch.testing.assert_close(step_divergence(scheduler, logits, target, x_t, timesteps).double(), expected)
-    reverse = (p * (p.log() - p_star.log())).sum(-1).mean()
-    torch.testing.assert_close(
-        step_divergence(scheduler, logits, target, x_t, timesteps, reverse=True).double(), reverse
-    )
-    assert step_divergence(scheduler, logits, logits, x_t, timesteps) == 0

@@ -72,10 +72,6 @@ class PairSettings:
             pair's samples go wrong can be narrow: 2+6's null label sampled from its exact target at the five
             default steps with 358 ≤ t ≤ 643 and from the deltas elsewhere lets 2 back in 0.5% of samples, as the
             exact target at every step does, against 5.0% from the deltas alone (`erasure_exact_steps.py`).
-        refine_loss: what those rounds fit (`~.on_policy.RoundSettings.loss`): ``"x0"``, the KL of the x0
-            distributions, or the KL of the sampler's steps p(x_s | x_t) (`~.on_policy.step_divergence`),
-            ``"step"`` or ``"reverse-step"`` (KL(p ‖ p*): on the pair's own states, the KL of its trajectories to
-            the target's).
         null_alpha: β of the pairs' null-label target (guidance away from the pair's mixture,
             `~.posterior.null_label_target`) in this run's rounds; None: the singles' β. A pair may need more
             than a single: sampled exactly, the mixture at the singles' β = 2 lets 7 back in 4% of 0+7's null
@@ -98,7 +94,6 @@ class PairSettings:
     refine_learning_rate: float = 1.5e-3
     refine_trajectories: int = 64
     refine_timesteps: list[int] | None = None
-    refine_loss: str = "x0"
     null_alpha: float | None = None
     null_combine: str = "mixture"
 
@@ -273,7 +268,6 @@ def recorded_rounds(record: dict, target_settings: dict) -> list[dict]:
         prefix = "" if round_index == 1 else "refine_"
         plan = {key: record[prefix + key] for key in ("steps", "learning_rate", "trajectories")}
         plan["timesteps"] = record.get("refine_timesteps") if prefix else None
-        plan["loss"] = record.get("refine_loss", "x0") if prefix else "x0"
         schedule.append(
             plan | {"seed": record["seed"] + round_index - 1, "null_alpha": alphas[round_index - 1], "pairs": None}
         )
@@ -307,7 +301,6 @@ def fit_pair_round(
         eval_trajectories=settings.eval_trajectories,
         seed=plan["seed"],
         timesteps=plan.get("timesteps"),
-        loss=plan.get("loss", "x0"),
     )
     logger.info("pair terms: a round of %d pairs at β = %s", len(pairs), plan["null_alpha"])
     compositions = [[deltas[i], deltas[j]] for i, j in pairs]
@@ -390,14 +383,15 @@ def refined_settings(
     if settings.rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {settings.rounds}.")
     previous = shared_record(deltas)
-    keys = ("refine_steps", "refine_learning_rate", "refine_trajectories", "refine_timesteps", "refine_loss")
-    refinement = {key: getattr(settings, key) for key in keys}
+    refinement = {
+        key: getattr(settings, key)
+        for key in ("refine_steps", "refine_learning_rate", "refine_trajectories", "refine_timesteps")
+    }
     earlier = previous.get("rounds", 1)
     if pairs is not None:
         targeted = refinement | {"null_combine": settings.null_combine}
         return previous | {"targeted": targeted_rounds(deltas, previous, targeted, alpha, pairs, settings.rounds)}
-    defaults = PairSettings()
-    if earlier > 1 and any(previous.get(key, getattr(defaults, key)) != value for key, value in refinement.items()):
+    if earlier > 1 and any(previous.get(key) != value for key, value in refinement.items()):
         raise ValueError(f"Earlier rounds were refined with {previous}; refine again with the same refine_* settings.")
     alphas = round_alphas(previous, null_target_settings(deltas)) + [alpha] * settings.rounds
     return previous | refinement | {"rounds": earlier + settings.rounds, "null_alphas": alphas}

@@ -9,9 +9,6 @@ erased (`erased_null_target`):
 
     min_ΔW  E_{x_t ~ sampler(θ₀ + Σ Δ)} KL(p*_S(· | x_t) ‖ p_{θ₀ + Σ Δ + ΔW}(· | x_t, ∅))
 
-on the x0 distributions, or on the sampler's steps p(x_s | x_t) = Σ_x0 q(x_s | x_t, x0) p(x0 | x_t) to the next
-default timestep s (`step_divergence`): ``loss="step"`` as above, ``loss="reverse-step"`` KL(p ‖ p*), which on
-the edited sampler's own states sums over the steps to the KL between its trajectories and the target's.
 ΔW is projected as the singles are (`~.sepme.decoupling_projector` of the null label), so no other label's keys or
 values move. `fit_corrections` is one round for any list of compositions: `refine_singles` adds its corrections to
 single deltas, `~.interactions.train_pair_interactions` stores them as pair terms.
@@ -29,7 +26,6 @@ import torch
 
 from ..deltas import ConceptDelta, compose_parameters
 from ..pipeline import DEFAULT_NUM_INFERENCE_STEPS, D3PMPipeline
-from ..scheduler import D3PMScheduler
 from ..unet import D3PMUNet
 from .common import ConceptIncrements, frozen_copy, logit_divergence, optimise_increment, select_parameters
 from .posterior import class_posterior, null_label_target
@@ -49,8 +45,6 @@ class RoundSettings:
         eval_trajectories: further samples per composition whose states give the held-out KL before and after.
         seed: seed of the trajectories, the compositions drawn and the batches.
         timesteps: ``[lo, hi]``: fit (and hold out) only the states with lo ≤ t ≤ hi; None: every state.
-        loss: ``"x0"``: KL(p* ‖ p) of the x0 distributions; ``"step"``: of the sampler's steps; ``"reverse-step"``:
-            KL(p ‖ p*) of the sampler's steps (`step_divergence`).
     """
 
     steps: int
@@ -61,10 +55,6 @@ class RoundSettings:
     eval_trajectories: int = 8
     seed: int = 1
     timesteps: list[int] | None = None
-    loss: str = "x0"
-
-
-ROUND_LOSSES = ("x0", "step", "reverse-step")
 
 
 @dataclass(frozen=True)
@@ -164,15 +154,9 @@ def fit_corrections(
         target_settings: `null_target_settings` of the singles.
 
     Returns: each composition's ΔW (parameter name → increment of its weight), each composition's held-out KL
-    ``[reference, composition + ΔW]`` (of the round's ``loss``), and the optimisation's seconds.
-
-    Raises:
-        ValueError: an unknown ``settings.loss``.
+    ``[reference, composition + ΔW]``, and the optimisation's seconds.
     """
-    if settings.loss not in ROUND_LOSSES:
-        raise ValueError(f"Unknown round loss {settings.loss!r}; choose one of {ROUND_LOSSES}.")
     device, null = frozen.device, frozen.null_label
-    sampler = default_sampler_scheduler(pipeline)
     names = select_parameters(frozen, "context")
     erased = [[digit for delta in composition for digit in delta.concepts] for composition in compositions]
     generator = torch.Generator().manual_seed(settings.seed)
@@ -190,8 +174,6 @@ def fit_corrections(
     def loss(model, index: int, x_t, timesteps, groups: list[int], fixed: list[dict]) -> torch.Tensor:
         target = erased_null_target(frozen, x_t, timesteps, erased[index], target_settings)
         predicted = model(x_t, timesteps, torch.full_like(timesteps, null), groups=groups, offsets=fixed[index])
-        if settings.loss != "x0":
-            return step_divergence(sampler, predicted, target, x_t, timesteps, reverse=settings.loss == "reverse-step")
         return logit_divergence(predicted, target, "kl")
 
     def loss_fn(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -224,43 +206,6 @@ def fit_corrections(
     return result.increments, held_out_kl(model, [before, after], held_out), result.seconds
 
 
-def default_sampler_scheduler(pipeline: D3PMPipeline) -> D3PMScheduler:
-    """A copy of the pipeline's scheduler set to the default sampler's timesteps (the pipeline's is left as is)."""
-    scheduler = copy.copy(pipeline.scheduler)
-    scheduler.set_timesteps(DEFAULT_NUM_INFERENCE_STEPS)
-    return scheduler
-
-
-def step_divergence(
-    scheduler: D3PMScheduler,
-    logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    x_t: torch.LongTensor,
-    timesteps: torch.LongTensor,
-    reverse: bool = False,
-) -> torch.Tensor:
-    """Mean per-pixel KL(p*(x_s | x_t) ‖ p(x_s | x_t)) of the sampler's steps in nats (``reverse``: KL(p ‖ p*)).
-
-    Each step's distribution is the posterior mixed over the x0 prediction, p(x_s | x_t) = Σ_x0 q(x_s | x_t, x0)
-    p(x0 | x_t), with s the step after t in ``scheduler.timesteps`` (0 after the last). By the chain rule the
-    reverse KL summed over the steps of p's own trajectories is KL(p(x_T … x_0) ‖ p*(x_T … x_0)), which bounds
-    the KL of the samples; it weighs most where p puts mass that p* does not (a digit coming back), and
-    differences of x0 that the step's noise hides (large t) weigh less than in the x0 KL.
-
-    Args:
-        scheduler: a `D3PMScheduler` whose timesteps hold every t (`default_sampler_scheduler`).
-        logits, target_logits: ``(B, K, H, W)`` x0 logits of the edited model and of the target.
-        x_t: ``(B, 1, H, W)`` int64 states; timesteps: ``(B,)`` their t.
-        reverse: KL(p ‖ p*) instead of KL(p* ‖ p).
-    """
-    previous = torch.tensor([scheduler.previous_timesteps[t] for t in timesteps.tolist()], device=x_t.device)
-    target_log_probs = scheduler.q_posterior_logits(target_logits, x_t, timesteps, previous)
-    log_probs = scheduler.q_posterior_logits(logits, x_t, timesteps, previous)
-    if reverse:
-        target_log_probs, log_probs = log_probs, target_log_probs
-    return (target_log_probs.exp() * (target_log_probs - log_probs)).sum(1).mean().float()
-
-
 def increments_over_base(
     pipeline: D3PMPipeline, composed: dict[str, torch.Tensor], names: list[str]
 ) -> dict[str, torch.Tensor]:
@@ -278,7 +223,9 @@ def null_label_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """States x_t ``(count·(n−1), 1, H, W)`` and their t ``(count·(n−1),)`` that ``count`` null-label samples with
     ``parameters`` pass through at the pipeline's default sampler (n steps; the pure-noise start left out)."""
-    upcoming = default_sampler_scheduler(pipeline).timesteps.tolist()[1:]  # x_t after step k is the input of step k + 1
+    scheduler = copy.copy(pipeline.scheduler)
+    scheduler.set_timesteps(DEFAULT_NUM_INFERENCE_STEPS)
+    upcoming = scheduler.timesteps.tolist()[1:]  # x_t after step k is the input of step k + 1
     states: list[torch.Tensor] = []
 
     def record(_pipeline, index: int, _timestep: int, outputs: dict) -> None:
