@@ -186,10 +186,15 @@ def main() -> None:
         elif method != "base":
             deltas = [make_delta(pipeline, name, args.digit, args.model) for name in method.split("+")]
             parameters = compose_parameters(pipeline.unet, deltas)
-            sampler = lambda **kw: pipeline(**kw, unet_parameters=parameters)  # noqa: B023, E731
         erase_seconds = time.perf_counter() - started
         result = evaluate_pipeline(
-            sampler, classifier, args.samples_per_label, reference=reference, seed=args.seed, **settings
+            sampler,
+            classifier,
+            args.samples_per_label,
+            reference=reference,
+            seed=args.seed,
+            unet_parameters=parameters,
+            **settings,
         )
         row = summarise(result, args.digit, base)
         row["erase_seconds"] = erase_seconds

@@ -39,18 +39,15 @@ def evaluate_settings(
 ) -> dict:
     """Headline numbers for one sampler setting."""
     pipeline.set_progress_bar_config(disable=True)
-
-    def sampler(**kwargs):
-        return pipeline(**kwargs, temperature=temperature)
-
     result = evaluate_pipeline(
-        sampler,
+        pipeline,
         classifier,
         samples_per_label=samples,
         num_inference_steps=steps,
         guidance_scale=guidance,
         reference=reference,
         batch_size=samples,
+        temperature=temperature,
     )
     return {**summary(result), "steps": steps, "guidance_scale": guidance, "temperature": temperature}
 

@@ -205,6 +205,20 @@ def test_evaluate_pipeline_seeds_do_not_depend_on_batch_size(classifier, referen
     assert batched["null_digit_rates"] is None
 
 
+def test_evaluate_pipeline_passes_its_further_arguments_to_every_call(classifier, reference, test_digits):
+    calls = []
+
+    class Recording(FakePipeline):
+        def __call__(self, class_labels, unet_parameters=None, **kwargs):
+            calls.append(unet_parameters)
+            return super().__call__(class_labels, **kwargs)
+
+    parameters = {"weight": torch.zeros(1)}  # what composed deltas pass
+    settings = {"num_inference_steps": 2, "guidance_scale": 1.0, "batch_size": 1, "reference": reference}
+    evaluate_pipeline(Recording(*test_digits), classifier, samples_per_label=2, unet_parameters=parameters, **settings)
+    assert len(calls) == 22 and all(call is parameters for call in calls)  # 11 labels, 2 calls each
+
+
 def test_evaluate_pipeline_refuses_a_reference_at_other_grey_levels(classifier, reference, test_digits):
     pipeline = FakePipeline(*test_digits)
     pipeline.scheduler = SimpleNamespace(config=SimpleNamespace(num_classes=16))

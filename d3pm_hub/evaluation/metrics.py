@@ -252,12 +252,14 @@ def sample_images(
     guidance_scale: float,
     seed: int = 0,
     batch_size: int | None = None,
+    **pipeline_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``samples_per_label`` images for each label, drawn in calls of at most ``batch_size`` images.
 
     Each call holds a single label and gets its own generator seeded from (seed, label, call index), so
     the samples of a label do not depend on the other labels, and not on ``batch_size`` as long as
-    ``batch_size ≥ samples_per_label`` (the default, None, draws each label in one call).
+    ``batch_size ≥ samples_per_label`` (the default, None, draws each label in one call). ``pipeline_kwargs``
+    go to every call (e.g. ``unet_parameters`` of composed deltas, or ``temperature``).
 
     Returns: images (len(labels)·samples_per_label, 1, 28, 28) float in [0, 1] on the CPU, and their labels.
     """
@@ -274,6 +276,7 @@ def sample_images(
                 guidance_scale=guidance_scale,
                 generator=_generator_for(seed, label, chunk_index),
                 output_type="pt",
+                **pipeline_kwargs,
             )
             images.append(output.images.float().cpu())
             image_labels += [label] * count
@@ -291,6 +294,7 @@ def evaluate_pipeline(
     batch_size: int | None = None,
     reference: RealReference | None = None,
     grid_path: str | Path | None = None,
+    **pipeline_kwargs,
 ) -> dict:
     """Sample every label 0..9 (and the null label 10 when ``include_null``) and score the samples.
 
@@ -305,6 +309,8 @@ def evaluate_pipeline(
         batch_size: most images per pipeline call (None: one call per label).
         reference: :func:`real_reference` to reuse across calls (computed at the model's grey levels when None).
         grid_path: if given, a PNG grid of the samples (:func:`save_grid`) is written there.
+        pipeline_kwargs: further arguments of every pipeline call, e.g. ``unet_parameters`` (deltas composed with
+            `~d3pm_hub.deltas.compose_parameters`) or ``temperature``.
 
     Returns:
         :func:`evaluate_images`'s dict plus ``samples_per_label``, ``num_inference_steps``,
@@ -321,7 +327,7 @@ def evaluate_pipeline(
     labels = list(range(NUM_DIGITS)) + ([NULL_LABEL] if include_null else [])
     start = time.perf_counter()
     images, image_labels = sample_images(
-        pipeline, labels, samples_per_label, seed=seed, batch_size=batch_size, **settings
+        pipeline, labels, samples_per_label, seed=seed, batch_size=batch_size, **settings, **pipeline_kwargs
     )
     sampling_seconds = time.perf_counter() - start
     if grid_path is not None:
