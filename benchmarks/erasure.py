@@ -93,9 +93,15 @@ def predictions(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Label → (predicted digits, confidences) of ``samples`` images per label drawn with ``parameters`` (in calls
     of ``batch_size``: see `sample_images`)."""
-    call = (lambda **kw: pipeline(**kw, unet_parameters=parameters)) if parameters else pipeline
     images, image_labels = sample_images(
-        call, labels, samples, num_inference_steps, guidance_scale, seed=seed, batch_size=batch_size
+        pipeline,
+        labels,
+        samples,
+        num_inference_steps,
+        guidance_scale,
+        seed=seed,
+        batch_size=batch_size,
+        unet_parameters=parameters or None,
     )
     probs = predict_proba(classifier, images)
     return {
