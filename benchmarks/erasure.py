@@ -101,7 +101,7 @@ def predictions(
         guidance_scale,
         seed=seed,
         batch_size=batch_size,
-        unet_parameters=parameters or None,
+        unet_parameters=parameters,
     )
     probs = predict_proba(classifier, images)
     return {
