@@ -22,7 +22,7 @@ from pathlib import Path
 from erasure import NULL, SETTINGS, add_attack_arguments, attack, load_models, make_delta, predictions, rate
 
 from d3pm_hub.deltas import compose_parameters
-from d3pm_hub.erasure import parse_hyperparameters
+from d3pm_hub.erasure import METHODS, parse_hyperparameters
 from d3pm_hub.paths import DEFAULT_PIPELINE
 
 
@@ -43,12 +43,9 @@ def main() -> None:
     started = time.perf_counter()
     parameters = None
     if not args.base:
-        SETTINGS["esd-u-preserve"] = settings
-        deltas = [
-            make_delta(pipeline, name, args.digit, str(DEFAULT_PIPELINE))
-            for name in ("shipped:separable", "esd-u-preserve")
-        ]
-        parameters = compose_parameters(pipeline.unet, deltas)
+        shipped = make_delta(pipeline, "shipped:separable", args.digit, str(DEFAULT_PIPELINE))
+        hardening = METHODS["esd-u-preserve"](pipeline, [args.digit], base_model=str(DEFAULT_PIPELINE), **settings)
+        parameters = compose_parameters(pipeline.unet, [shipped, hardening])
     erase_seconds = time.perf_counter() - started
     labels = [*args.labels, args.digit, NULL]
     result = predictions(
