@@ -2,6 +2,7 @@
 
 import argparse
 import copy
+import functools
 import json
 
 import pytest
@@ -11,6 +12,8 @@ from d3pm_hub.cards import delta_card
 from d3pm_hub.deltas import ConceptDelta, compose_parameters
 from d3pm_hub.erasure import add_erase_arguments, interactions, refine_singles, run_erase, train_pair_interactions
 from d3pm_hub.erasure.anchors import context_token_table
+from d3pm_hub.erasure.common import frozen_copy
+from d3pm_hub.erasure.on_policy import RoundSettings, fit_corrections, null_target_settings
 
 from .conftest import null_target_mismatch, run_erase_script
 
@@ -51,6 +54,22 @@ def test_a_single_round_moves_only_the_null_label_tokens(trained, singles, refin
         assert change[:, : null.start].abs().max() < 1e-6 and change[:, null.stop :].abs().max() < 1e-6
         moved = max(moved, change[:, null].abs().max().item())
     assert moved > 1e-3
+
+
+def test_a_round_without_decoupling_also_edits_the_shared_tokens_or_the_whole_network(trained, singles):
+    settings = RoundSettings(steps=20, learning_rate=1e-2, trajectories=2, eval_trajectories=1, batch_size=4)
+    target = null_target_settings([singles[1]])
+    fit = functools.partial(fit_corrections, trained, frozen_copy(trained), [[singles[1]]], [[singles[1]]], settings)
+    (free,), _, _ = fit(target, parameter_set="context", decouple=False)
+    _, tokens = context_token_table(dict(trained.unet.named_parameters()))
+    n, shared = trained.unet.config.num_label_tokens, trained.unet.config.num_shared_tokens
+    assert n * (trained.unet.null_label + 1) + shared == tokens.shape[0]  # labels' tokens, then the shared ones
+    changes = [value.double() @ tokens.T for value in free.values()]  # (out, tokens): the last ones are shared
+    assert max(change[:, -shared:].abs().max().item() for change in changes) > 1e-3
+    (whole,), kl, _ = fit(target, parameter_set="full", decouple=False)
+    assert any(".attn1." in name or ".conv" in name for name in whole) and len(kl[0]) == 2
+    with pytest.raises(ValueError, match="Only 'context' edits can be decoupled"):
+        fit(target, parameter_set="full")
 
 
 def test_more_single_rounds_continue_the_seeds_and_refuse_mixed_histories(trained, singles, refined_seven):

@@ -142,6 +142,8 @@ def fit_corrections(
     references: list[list[ConceptDelta]],
     settings: RoundSettings,
     target_settings: dict,
+    parameter_set: str = "context",
+    decouple: bool = True,
 ) -> tuple[list[dict[str, torch.Tensor]], list[list[float]], float]:
     """One on-policy round: a correction ΔW per composition, fitted on the states its null-label samples visit.
 
@@ -152,12 +154,20 @@ def fit_corrections(
         references: per composition, the deltas whose composition gives the held-out KL's "before" column.
         settings: the round's `RoundSettings`.
         target_settings: `null_target_settings` of the singles.
+        parameter_set: what ΔW edits (`~.common.select_parameters`). ``"context"`` with ``decouple`` is what deltas
+            store: the null label's keys/values only. A wider set, or no decoupling, also moves other labels (the
+            shared tokens' keys/values at least), so it cannot ship; it measures what more capacity for the null
+            label would buy (`benchmarks/erasure_capacity.py`).
+        decouple: project ΔW so that no other label's keys/values move (`~.sepme.decoupling_projector`; only
+            with ``"context"``).
 
     Returns: each composition's ΔW (parameter name → increment of its weight), each composition's held-out KL
     ``[reference, composition + ΔW]``, and the optimisation's seconds.
     """
+    if decouple and parameter_set != "context":
+        raise ValueError(f"Only 'context' edits can be decoupled; pass decouple=False with {parameter_set!r}.")
     device, null = frozen.device, frozen.null_label
-    names = select_parameters(frozen, "context")
+    names = select_parameters(frozen, parameter_set)
     erased = [[digit for delta in composition for digit in delta.concepts] for composition in compositions]
     generator = torch.Generator().manual_seed(settings.seed)
     banks, held_out, offsets = [], [], []
@@ -183,14 +193,14 @@ def fit_corrections(
         value = loss(model, index, states[batch].to(device), timesteps[batch].to(device), [index], offsets)
         return {"loss": value, "concept": value}
 
-    projector = decoupling_projector(frozen, [null]).to(device)
+    projector = decoupling_projector(frozen, [null]).to(device) if decouple else None
     result = optimise_increment(
         frozen,
         names,
         loss_fn,
         settings.steps,
         settings.learning_rate,
-        project=lambda group, name, increment: (increment.double() @ projector).to(increment.dtype),
+        project=None if projector is None else lambda group, name, delta: (delta.double() @ projector).to(delta.dtype),
         num_groups=len(compositions),
         seed=settings.seed,
         lr_schedule=settings.lr_schedule,

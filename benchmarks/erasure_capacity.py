@@ -1,0 +1,84 @@
+"""Would more capacity for the null label close the pairs? One on-policy round per capacity, then its null samples.
+
+    OMP_NUM_THREADS=1 python benchmarks/erasure_capacity.py --folder pretrained/deltas/separable --set 7+8 \
+        --capacities null null+shared full --samples 1600 --seed 2 --output benchmarks/results/erasure-capacity-7-8.json
+
+A pair's null label can only be edited through its two context tokens' keys/values (what the deltas store). Each
+capacity fits one on-policy correction on top of the composed deltas (pair term included), on the states the
+pair's null-label samples visit, to the pair's target (`~d3pm_hub.erasure.on_policy.fit_corrections`):
+
+* ``null``: the null label's keys/values, decoupled: what a further targeted round can do (the control);
+* ``null+shared``: every ``attn2.to_k/to_v`` without decoupling; for the null label that frees the two shared
+  tokens' keys/values too, as a base with four null-label tokens would;
+* ``full``: every UNet weight but the label path: no limit on what the null label computes (the ceiling).
+
+The wider corrections move the other labels too, so they cannot ship; only the null label is sampled. If the rate of
+the erased digits falls with capacity, a base with more label tokens is the lever; if not even ``full`` brings it down,
+capacity is not what holds the pair back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from erasure import NULL, histogram, load_models, predictions  # benchmarks/erasure.py
+from erasure_null_matrix import load_folder
+
+from d3pm_hub.deltas import compose_parameters
+from d3pm_hub.erasure.common import frozen_copy
+from d3pm_hub.erasure.on_policy import RoundSettings, fit_corrections, null_target_settings
+
+CAPACITIES = {"null": ("context", True), "null+shared": ("context", False), "full": ("full", False)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", required=True, help="holds digit-{0..9}.safetensors with their pair terms")
+    parser.add_argument("--set", required=True, help="the erased pair, e.g. 7+8")
+    parser.add_argument("--capacities", nargs="+", choices=CAPACITIES, default=list(CAPACITIES))
+    parser.add_argument("--steps", type=int, default=267, help="Adam steps of the round")
+    parser.add_argument("--learning-rate", type=float, default=1.5e-3, help="of the key/value corrections")
+    parser.add_argument("--full-learning-rate", type=float, default=3e-4, help="of the 'full' correction")
+    parser.add_argument("--trajectories", type=int, default=128)
+    parser.add_argument("--round-seed", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=1600)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    pipeline, classifier = load_models()
+    folder = load_folder(args.folder)
+    deltas = [folder[int(digit)] for digit in args.set.split("+")]
+    composed = compose_parameters(pipeline.unet, deltas)
+    frozen = frozen_copy(pipeline)
+    target = null_target_settings(deltas) | {"combine": "mixture"}
+    report = {"args": vars(args), "null_label": {}}
+    for capacity in args.capacities:
+        parameter_set, decouple = CAPACITIES[capacity]
+        settings = RoundSettings(
+            steps=args.steps,
+            learning_rate=args.full_learning_rate if parameter_set == "full" else args.learning_rate,
+            trajectories=args.trajectories,
+            seed=args.round_seed,
+        )
+        corrections, kl, seconds = fit_corrections(
+            pipeline, frozen, [deltas], [deltas], settings, target, parameter_set=parameter_set, decouple=decouple
+        )
+        base = dict(pipeline.unet.named_parameters())
+        parameters = composed | {
+            name: composed.get(name, base[name].detach()) + value.cpu() for name, value in corrections[0].items()
+        }
+        result = predictions(
+            pipeline, classifier, parameters, [NULL], args.samples, seed=args.seed, batch_size=args.batch_size
+        )
+        row = {"rates": histogram(result, NULL), "confidence": result[NULL][1].mean().item()}
+        report["null_label"][capacity] = row | {"held_out_kl": kl[0], "seconds": seconds}
+        Path(args.output).write_text(json.dumps(report, indent=1))
+        rates = [round(row["rates"][delta.concepts[0]], 4) for delta in deltas]
+        print(args.set, capacity, "KL", kl[0], "rates", rates, round(row["confidence"], 3), flush=True)
+
+
+if __name__ == "__main__":
+    main()
