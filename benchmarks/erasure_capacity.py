@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from erasure import NULL, histogram, load_models, predictions  # benchmarks/erasure.py
-from erasure_null_matrix import load_folder
+from erasure_null_matrix import add_null_sampling_arguments, load_folder
 
 from d3pm_hub.deltas import compose_parameters
 from d3pm_hub.erasure.common import frozen_copy
@@ -43,10 +43,7 @@ def main() -> None:
     parser.add_argument("--full-learning-rate", type=float, default=3e-4, help="of the 'full' correction")
     parser.add_argument("--trajectories", type=int, default=128)
     parser.add_argument("--round-seed", type=int, default=50)
-    parser.add_argument("--samples", type=int, default=1600)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=2)
-    parser.add_argument("--output", required=True)
+    add_null_sampling_arguments(parser, samples=1600, seed=2)
     args = parser.parse_args()
     pipeline, classifier = load_models()
     folder = load_folder(args.folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from erasure import NULL, load_models, predictions, rate  # benchmarks/erasure.py
-from erasure_null_matrix import load_folder
+from erasure_null_matrix import add_null_sampling_arguments, load_folder
 
 from d3pm_hub.deltas import compose_parameters
 from d3pm_hub.erasure.on_policy import erased_null_target, null_target_settings
@@ -47,10 +47,7 @@ def main() -> None:
     parser.add_argument("--folder", required=True, help="holds digit-{0..9}.safetensors")
     parser.add_argument("--set", required=True, help="the erased set, e.g. 2+6")
     parser.add_argument("--windows", nargs="+", default=["0-0", "0-1000"], help="lo-hi of t, inclusive")
-    parser.add_argument("--samples", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", required=True)
+    add_null_sampling_arguments(parser, samples=400, seed=0)
     args = parser.parse_args()
     pipeline, classifier = load_models()
     digits = [int(digit) for digit in args.set.split("+")]

@@ -80,6 +80,14 @@ def main() -> None:
         print(erased, [round(row["rates"][d], 3) for d in erased], "copied" if "copied_from" in row else "", flush=True)
 
 
+def add_null_sampling_arguments(parser: argparse.ArgumentParser, samples: int, seed: int) -> None:
+    """``--samples``, ``--batch-size``, ``--seed`` and ``--output`` of the scripts that sample a set's null label."""
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--output", required=True)
+
+
 def load_folder(folder: str) -> dict[int, ConceptDelta]:
     """The folder's ``digit-{d}.safetensors`` deltas by digit."""
     return {d: ConceptDelta.load(Path(folder) / f"digit-{d}.safetensors") for d in range(10)}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from erasure import NULL, histogram, load_models, predictions  # benchmarks/erasure.py
-from erasure_null_matrix import load_folder
+from erasure_null_matrix import add_null_sampling_arguments, load_folder
 
 from d3pm_hub.deltas import compose_parameters
 from d3pm_hub.pipeline import D3PMPipeline
@@ -45,10 +45,7 @@ def main() -> None:
     parser.add_argument("--folder", required=True, help="deltas used outside every window")
     parser.add_argument("--set", required=True, help="the erased set, e.g. 7+8")
     parser.add_argument("--windows", nargs="+", required=True, help="lo-hi=FOLDER: FOLDER's deltas at lo ≤ t ≤ hi")
-    parser.add_argument("--samples", type=int, default=1600)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=2)
-    parser.add_argument("--output", required=True)
+    add_null_sampling_arguments(parser, samples=1600, seed=2)
     args = parser.parse_args()
     pipeline, classifier = load_models()
     digits = [int(digit) for digit in args.set.split("+")]
