@@ -12,9 +12,10 @@ pair's null-label samples visit, to the pair's target (`~d3pm_hub.erasure.on_pol
   tokens' keys/values too, as a base with four null-label tokens would;
 * ``full``: every UNet weight but the label path: no limit on what the null label computes (the ceiling).
 
-The wider corrections move the other labels too, so they cannot ship; only the null label is sampled. If the rate of
-the erased digits falls with capacity, a base with more label tokens is the lever; if not even ``full`` brings it down,
-capacity is not what holds the pair back.
+The wider corrections move the other labels too, so they cannot ship as decoupled increments. ``--label-samples N``
+also samples N images of every label with and without each correction (seed 0): how far a pair term with that
+capacity would move the labels. If the rate of the erased digits falls with capacity, a base with more label tokens
+is the lever; if not even ``full`` brings it down, capacity is not what holds the pair back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
-from erasure import NULL, histogram, load_models, predictions  # benchmarks/erasure.py
+from erasure import NULL, histogram, load_models, predictions, rate  # benchmarks/erasure.py
 from erasure_null_matrix import add_null_sampling_arguments, load_folder
 
 from d3pm_hub.deltas import compose_parameters
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--full-learning-rate", type=float, default=3e-4, help="of the 'full' correction")
     parser.add_argument("--trajectories", type=int, default=128)
     parser.add_argument("--round-seed", type=int, default=50)
+    parser.add_argument("--label-samples", type=int, default=0, help="images of every label 0-9, seed 0")
     add_null_sampling_arguments(parser, samples=1600, seed=2)
     args = parser.parse_args()
     pipeline, classifier = load_models()
@@ -52,6 +54,8 @@ def main() -> None:
     frozen = frozen_copy(pipeline)
     target = null_target_settings(deltas) | {"combine": "mixture"}
     report = {"args": vars(args), "null_label": {}}
+    if args.label_samples:
+        report["label_accuracy"] = {"without": label_accuracy(pipeline, classifier, composed, args.label_samples)}
     for capacity in args.capacities:
         parameter_set, decouple = CAPACITIES[capacity]
         settings = RoundSettings(
@@ -72,9 +76,18 @@ def main() -> None:
         )
         row = {"rates": histogram(result, NULL), "confidence": result[NULL][1].mean().item()}
         report["null_label"][capacity] = row | {"held_out_kl": kl[0], "seconds": seconds}
+        if args.label_samples:
+            report["label_accuracy"][capacity] = label_accuracy(pipeline, classifier, parameters, args.label_samples)
         Path(args.output).write_text(json.dumps(report, indent=1))
         rates = [round(row["rates"][delta.concepts[0]], 4) for delta in deltas]
         print(args.set, capacity, "KL", kl[0], "rates", rates, round(row["confidence"], 3), flush=True)
+
+
+def label_accuracy(pipeline, classifier, parameters, samples: int) -> list[float]:
+    """Each label's rate of its own digit among ``samples`` images drawn with ``parameters`` (seed 0)."""
+    labels = list(range(pipeline.unet.null_label))
+    result = predictions(pipeline, classifier, parameters, labels, samples, batch_size=100)
+    return [rate(result, label, label) for label in labels]
 
 
 if __name__ == "__main__":
