@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--capacities", nargs="+", choices=CAPACITIES, default=list(CAPACITIES))
     parser.add_argument("--steps", type=int, default=267, help="Adam steps of the round")
     parser.add_argument("--learning-rate", type=float, default=1.5e-3, help="of the key/value corrections")
-    parser.add_argument("--full-learning-rate", type=float, default=3e-4, help="of the 'full' correction")
+    parser.add_argument("--full-learning-rate", type=float, default=1e-4, help="of the 'full' correction")
     parser.add_argument("--trajectories", type=int, default=128)
     parser.add_argument("--round-seed", type=int, default=50)
     parser.add_argument("--label-samples", type=int, default=0, help="images of every label 0-9, seed 0")
@@ -51,6 +51,7 @@ def main() -> None:
     folder = load_folder(args.folder)
     deltas = [folder[int(digit)] for digit in args.set.split("+")]
     composed = compose_parameters(pipeline.unet, deltas)
+    base = {name: parameter.detach() for name, parameter in pipeline.unet.named_parameters()}
     frozen = frozen_copy(pipeline)
     target = null_target_settings(deltas) | {"combine": "mixture"}
     report = {"args": vars(args), "null_label": {}}
@@ -67,9 +68,8 @@ def main() -> None:
         corrections, kl, seconds = fit_corrections(
             pipeline, frozen, [deltas], [deltas], settings, target, parameter_set=parameter_set, decouple=decouple
         )
-        base = dict(pipeline.unet.named_parameters())
         parameters = composed | {
-            name: composed.get(name, base[name].detach()) + value.cpu() for name, value in corrections[0].items()
+            name: composed.get(name, base[name]) + value.cpu() for name, value in corrections[0].items()
         }
         result = predictions(
             pipeline, classifier, parameters, [NULL], args.samples, seed=args.seed, batch_size=args.batch_size
