@@ -24,11 +24,13 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from erasure import NULL, histogram, load_models, predictions, rate  # benchmarks/erasure.py
 from erasure_null_matrix import add_null_sampling_arguments, load_folder
 
 from d3pm_hub.deltas import compose_parameters
 from d3pm_hub.erasure.common import frozen_copy
+from d3pm_hub.erasure.interactions import low_rank_factors
 from d3pm_hub.erasure.on_policy import RoundSettings, fit_corrections, null_target_settings
 
 CAPACITIES = {"null": ("context", True), "null+shared": ("context", False), "full": ("full", False)}
@@ -45,6 +47,9 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=128)
     parser.add_argument("--round-seed", type=int, default=50)
     parser.add_argument("--label-samples", type=int, default=0, help="images of every label 0-9, seed 0")
+    parser.add_argument(
+        "--ranks", type=int, nargs="*", default=[], help="also sample the 'full' correction truncated to these ranks"
+    )
     add_null_sampling_arguments(parser, samples=1600, seed=2)
     args = parser.parse_args()
     pipeline, classifier = load_models()
@@ -68,19 +73,32 @@ def main() -> None:
         corrections, kl, seconds = fit_corrections(
             pipeline, frozen, [deltas], [deltas], settings, target, parameter_set=parameter_set, decouple=decouple
         )
-        parameters = composed | {
-            name: composed.get(name, base[name]) + value.cpu() for name, value in corrections[0].items()
-        }
-        result = predictions(
-            pipeline, classifier, parameters, [NULL], args.samples, seed=args.seed, batch_size=args.batch_size
-        )
-        row = {"rates": histogram(result, NULL), "confidence": result[NULL][1].mean().item()}
-        report["null_label"][capacity] = row | {"held_out_kl": kl[0], "seconds": seconds}
-        if args.label_samples:
-            report["label_accuracy"][capacity] = label_accuracy(pipeline, classifier, parameters, args.label_samples)
-        Path(args.output).write_text(json.dumps(report, indent=1))
-        rates = [round(row["rates"][delta.concepts[0]], 4) for delta in deltas]
-        print(args.set, capacity, "KL", kl[0], "rates", rates, round(row["confidence"], 3), flush=True)
+        ranks = [None] + (args.ranks if parameter_set == "full" else [])
+        for rank in ranks:
+            truncated = {name: low_rank(value.cpu(), rank) for name, value in corrections[0].items()}
+            correction = {name: value for name, (value, _) in truncated.items()}
+            parameters = composed | {name: composed.get(name, base[name]) + value for name, value in correction.items()}
+            result = predictions(
+                pipeline, classifier, parameters, [NULL], args.samples, seed=args.seed, batch_size=args.batch_size
+            )
+            row = {"rates": histogram(result, NULL), "confidence": result[NULL][1].mean().item()}
+            key = capacity if rank is None else f"{capacity}, rank {rank}"
+            size = sum(values for _, values in truncated.values())
+            report["null_label"][key] = row | {"held_out_kl": kl[0], "seconds": seconds, "values": size}
+            if args.label_samples:
+                report["label_accuracy"][key] = label_accuracy(pipeline, classifier, parameters, args.label_samples)
+            Path(args.output).write_text(json.dumps(report, indent=1))
+            rates = [round(row["rates"][delta.concepts[0]], 4) for delta in deltas]
+            print(args.set, key, "KL", kl[0], "rates", rates, round(row["confidence"], 3), size, flush=True)
+
+
+def low_rank(increment: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, int]:
+    """``increment`` truncated to its top ``rank`` singular directions (`low_rank_factors`; ``None``: unchanged),
+    and how many numbers store it: what a pair term of that rank would add."""
+    if rank is None:
+        return increment, increment.numel()
+    up, down = low_rank_factors(increment, rank)
+    return (up @ down).reshape(increment.shape), up.numel() + down.numel()
 
 
 def label_accuracy(pipeline, classifier, parameters, samples: int) -> list[float]:

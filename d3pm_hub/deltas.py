@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from .paths import atomic_write
 from .pipeline import D3PMPipeline
 
-FORMAT_VERSION = 2  # 2: pair interaction terms (``interaction/…`` tensors); version 1 files read as before
+FORMAT_VERSION = 3  # 2: pair interaction terms (``interaction/…`` tensors); 3: image-path pair terms (``…:up``)
 REQUIRED_METADATA = ("format_version", "concepts", "method", "base_model_hash")
 INTERACTION_PREFIX = "interaction/"
 
@@ -50,8 +50,9 @@ class ConceptDelta:
             ``base_model_hash``, ``base_model`` (repo/revision or path), ``metrics`` (JSON), ``created`` (ISO time),
             and with pair terms ``interactions`` (JSON: partner → content hash of the partner delta).
         interactions: partner (its digits, ``"2"``) → parameter name → the change ``(out, n)`` of the null label's
-            n tokens' keys/values applied when this delta is composed with that partner
-            (`~d3pm_hub.erasure.interactions`); stored as ``interaction/{partner}/{name}`` tensors.
+            n tokens' keys/values applied when this delta is composed with that partner, or ``{name}:up`` and
+            ``{name}:down`` → the low-rank factors of an image-path term (`~d3pm_hub.erasure.interactions`); stored
+            as ``interaction/{partner}/{key}`` tensors.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -105,7 +106,7 @@ class ConceptDelta:
         return sum(t.numel() for t in self.tensors.values())
 
     def interaction_tensors(self) -> dict[str, torch.Tensor]:
-        """The pair terms as stored: ``interaction/{partner}/{name}`` → change ``(out, n)``."""
+        """The pair terms as stored: ``interaction/{partner}/{key}`` → change ``(out, n)`` or factor."""
         return {
             f"{INTERACTION_PREFIX}{partner}/{name}": value
             for partner, changes in self.interactions.items()

@@ -70,7 +70,7 @@ def test_pair_terms_round_trip_through_files(trained, paired, tmp_path):
     for delta in deltas:
         delta.save(tmp_path / f"digit-{delta.concepts[0]}.safetensors")
     loaded = [ConceptDelta.load(tmp_path / f"digit-{digit}.safetensors") for digit in (4, 7, 9)]
-    assert loaded[0].metadata["format_version"] == str(FORMAT_VERSION) == "2"
+    assert loaded[0].metadata["format_version"] == str(FORMAT_VERSION) == "3"
     assert set(loaded[0].interactions) == set(json.loads(loaded[0].metadata["interactions"])) == {"7", "9"}
     for name, change in deltas[0].interactions["9"].items():
         assert change.shape == (trained.unet.get_parameter(name).shape[0], trained.unet.config.num_label_tokens)
@@ -165,6 +165,48 @@ def test_a_targeted_round_refits_only_the_chosen_pairs_term(trained, paired, tar
         train_pair_interactions(trained, deltas, refine=True, pairs=["4+5"])
     with pytest.raises(ValueError, match="timesteps \\[200, 300\\] holds none of the sampler's timesteps"):
         train_pair_interactions(trained, deltas, refine=True, pairs=["4+9"], refine_timesteps=[200, 300])
+
+
+@pytest.fixture(scope="module")
+def image_path(trained, paired) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
+    """``paired``'s deltas after one round of the 4+9 term on the image path (every UNet weight but the label
+    path, rank 2), and its KL."""
+    settings = REFINE_SETTINGS | {"refine_parameters": "full", "refine_rank": 2, "refine_learning_rate": 1e-4}
+    return train_pair_interactions(trained, paired[0], refine=True, pairs=["4+9"], **settings)
+
+
+def test_an_image_path_round_adds_a_low_rank_term_only_to_its_pair(trained, paired, image_path, tmp_path):
+    deltas, _ = paired
+    chosen, kl = image_path
+    assert set(kl) == {"4+9"} and kl["4+9"][1] < kl["4+9"][0]
+    plan = chosen[0].hyperparameters["pair_terms"]["targeted"][-1]
+    assert plan["parameters"] == "full" and plan["rank"] == 2 and plan["pairs"] == ["4+9"]
+    assert "as a rank-2 term" in str(delta_card(chosen[0], "deltas/separable/digit-4.safetensors"))
+    term = chosen[0].interactions["9"]
+    image = [key.removesuffix(":up") for key in term if key.endswith(":up")]
+    assert any(".attn1." in name or ".conv" in name for name in image)  # the image path, not just the label path
+    assert all(term[f"{name}:up"].shape[1] <= 2 and f"{name}:down" in term for name in image)
+    for composition in ([0], [0, 1], [1, 2]):  # singles and the other pairs keep their weights bitwise
+        before = compose(trained, [deltas[i] for i in composition])
+        after = compose(trained, [chosen[i] for i in composition])
+        assert before.keys() == after.keys() and all(torch.equal(after[n], v) for n, v in before.items())
+    base = dict(trained.unet.named_parameters())
+    name = next(name for name in image if name not in deltas[0].tensors)  # a weight only the term edits
+    full_term = (term[f"{name}:up"] @ term[f"{name}:down"]).reshape(base[name].shape)
+    half = compose(trained, [(chosen[0], 0.5), (chosen[2], 0.4)])[name] - base[name].detach()
+    torch.testing.assert_close(half, 0.2 * full_term, atol=1e-6, rtol=1e-5)
+    assert name not in compose(trained, [chosen[0], (chosen[2], 0.0)])  # dropping a partner drops the term
+    for delta in chosen:
+        delta.save(tmp_path / f"digit-{delta.concepts[0]}.safetensors", dtype=torch.float32)
+    loaded = [ConceptDelta.load(tmp_path / f"digit-{digit}.safetensors") for digit in (4, 7, 9)]
+    from_files, in_memory = compose(trained, [loaded[0], loaded[2]]), compose(trained, [chosen[0], chosen[2]])
+    assert from_files.keys() == in_memory.keys() and all(torch.equal(from_files[n], v) for n, v in in_memory.items())
+    wrong = copy.deepcopy(chosen[0])
+    wrong.interactions["9"][f"{name}:down"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=f"term for '{name}' has factors of shapes"):
+        compose(trained, [wrong, chosen[2]])
+    with pytest.raises(ValueError, match="'full' for targeted rounds of chosen pairs"):
+        train_pair_interactions(trained, deltas, refine=True, refine_parameters="full")
 
 
 def test_erase_script_adds_pair_terms_to_a_folder_of_joint_deltas(trained, singles, tmp_path):

@@ -28,6 +28,14 @@ second-order ones:
   stays exact and restoring a digit leaves the other's single delta.
 
 Triples and larger sets get every pair term among them (the expansion truncated at second order).
+
+Where the null label's keys/values cannot express a pair's target (7+8: a further round lowers the KL but not the
+rate of 8), a targeted round may edit the image path instead (``refine_parameters="full"``: every UNet weight but
+the label path, undecoupled). Such a term is stored as low-rank factors, ``{name}:up`` ``(out, r)`` and
+``{name}:down`` ``(r, in·k·k)`` (a vector as ``(out, 1)`` and ``(1, 1)``), the top r singular directions of the
+fitted increment (`low_rank_factors`); it stays bilinear in the strengths, so the singles and removal stay exact,
+but while both deltas are composed it moves the other labels' outputs slightly too (BENCHMARKS.md §4 measures how
+much).
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from .common import NEGATIVE_GUIDANCE, frozen_copy
 from .on_policy import RoundSettings, fit_corrections, null_target_settings, without_pair_terms
 
 logger = logging.getLogger(__name__)
+
+UP, DOWN = ":up", ":down"  # suffixes of an image-path term's factors: ΔW = (up @ down).reshape(W.shape)
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,10 @@ class PairSettings:
             ``"mixture"`` (every round of all pairs) or ``"sum"``, for a pair whose mixture target itself lets a
             digit back: sampled exactly, 6+7's lets 6 back in 3.5% of null samples at β = 2 and 2.0% at β = 3 or 4,
             the sum at β = 2 in 0.25% (`benchmarks/erasure_targets.py`). Only with ``pairs``; recorded per round.
+        refine_parameters: what the targeted rounds edit: ``"context"`` (the null label's keys/values) or
+            ``"full"`` (every UNet weight but the label path, kept as a rank-``refine_rank`` term; module
+            docstring). Only with ``pairs``; recorded per round.
+        refine_rank: rank of each weight's term in ``"full"`` rounds.
     """
 
     steps: int = 4500
@@ -96,6 +110,8 @@ class PairSettings:
     refine_timesteps: list[int] | None = None
     null_alpha: float | None = None
     null_combine: str = "mixture"
+    refine_parameters: str = "context"
+    refine_rank: int = 16
 
 
 def partner_key(delta: ConceptDelta) -> str:
@@ -152,23 +168,53 @@ def interaction_corrections(
             continue
         if rows is None:
             rows = context_token_rows(base_parameters)[1][-1]  # (n, D): the null label's dual rows
-        for name in sorted(set().union(*terms)):
-            changes = [term[name] for term in terms if name in term]
-            for change in changes:
-                check_term(base_parameters, name, change, rows.shape[0])
-            change = torch.stack(changes).double().mean(0)
-            increment = (s_first * s_second * change @ rows).to(base_parameters[name].dtype)
+        for key in sorted(set().union(*terms)):
+            if key.endswith(DOWN):
+                continue  # applied with its ":up" factor
+            name = key.removesuffix(UP)
+            change = torch.stack([term_increment(base_parameters, key, term, rows) for term in terms if key in term])
+            increment = (s_first * s_second * change.mean(0)).to(base_parameters[name].dtype)
             corrections[name] = corrections.get(name, 0) + increment
     return corrections
 
 
-def check_term(base_parameters: dict[str, torch.Tensor], name: str, change: torch.Tensor, tokens: int) -> None:
-    """A pair term must change an existing weight's outputs on the null label's ``tokens`` tokens."""
+def term_increment(
+    base_parameters: dict[str, torch.Tensor], key: str, term: dict[str, torch.Tensor], rows: torch.Tensor
+) -> torch.Tensor:
+    """The weight increment ΔW (float64, the weight's shape) of one entry of a pair term: a null-token change
+    ``(out, n)`` times the null tokens' dual rows ``rows`` ``(n, D)``, or an image-path term's ``key`` (``:up``)
+    factor times its ``:down`` factor.
+
+    Raises:
+        ValueError: a weight the model lacks, or a change or factors whose shapes do not fit it.
+    """
+    name = key.removesuffix(UP)
     if name not in base_parameters:
         raise ValueError(f"A pair interaction term edits {name!r}, which this model does not have.")
-    expected = (base_parameters[name].shape[0], tokens)
-    if tuple(change.shape) != expected:
-        raise ValueError(f"A pair interaction term for {name!r} has shape {tuple(change.shape)}, expected {expected}.")
+    shape = base_parameters[name].shape
+    if key.endswith(UP):
+        up, down = term[key], term.get(name + DOWN, torch.zeros(0))
+        expected = (shape[0], up.shape[-1]), (up.shape[-1], math.prod(shape[1:]))
+        if (tuple(up.shape), tuple(down.shape)) != expected:
+            raise ValueError(
+                f"A pair interaction term for {name!r} has factors of shapes {tuple(up.shape)} and "
+                f"{tuple(down.shape)}, expected {expected[0]} and {expected[1]}."
+            )
+        return (up.double() @ down.double()).reshape(shape)
+    expected = (shape[0], rows.shape[0])
+    if tuple(term[key].shape) != expected:
+        raise ValueError(
+            f"A pair interaction term for {name!r} has shape {tuple(term[key].shape)}, expected {expected}."
+        )
+    return term[key].double() @ rows.double()
+
+
+def low_rank_factors(increment: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``up`` ``(out, r)`` and ``down`` ``(r, in·k·k)`` with ``up @ down`` the best rank-r approximation of the
+    increment's matrix ``(out, in·k·k)`` (a vector's is ``(out, 1)``), r = min(rank, out, in·k·k)."""
+    matrix = increment.double().reshape(increment.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
 
 
 def train_pair_interactions(
@@ -218,6 +264,13 @@ def train_pair_interactions(
             f"null_combine must be 'mixture', or 'sum' for targeted rounds of chosen pairs (--refine --pairs), "
             f"got {settings.null_combine!r}."
         )
+    if settings.refine_parameters not in ("context", "full") or (settings.refine_parameters != "context" and not pairs):
+        raise ValueError(
+            f"refine_parameters must be 'context', or 'full' for targeted rounds of chosen pairs (--refine --pairs), "
+            f"got {settings.refine_parameters!r}."
+        )
+    if settings.refine_rank < 1:
+        raise ValueError(f"refine_rank must be at least 1, got {settings.refine_rank}.")
     target_settings = null_target_settings(deltas)
     if len(deltas) < 2:
         raise ValueError("Pair terms need two or more single-digit 'separable' deltas (trained with --jointly).")
@@ -227,7 +280,8 @@ def train_pair_interactions(
         recorded = shared_record(deltas) if complete else refined_settings(deltas, settings, alpha, pairs)
     else:
         recorded = dataclasses.asdict(settings) | {"null_alphas": [alpha] * settings.rounds, "seconds": 0.0}
-        del recorded["null_alpha"]  # each round's β is in null_alphas
+        for key in ("null_alpha", "refine_parameters", "refine_rank"):
+            del recorded[key]  # each round's β is in null_alphas; targeted rounds record what they edit
         deltas = [without_pair_terms(delta) for delta in deltas]
     schedule = recorded_rounds(recorded, target_settings)
     if complete:
@@ -285,7 +339,8 @@ def fit_pair_round(
     target_settings: dict,
 ) -> tuple[list[dict[str, dict[str, torch.Tensor]]], dict[str, list[float]], float]:
     """One on-policy round (a `recorded_rounds` plan): each of ``pairs``' terms plus a correction fitted on the
-    states its composition visits, to the pair's target at the plan's β.
+    states its composition visits, to the pair's target at the plan's β, on the plan's ``parameters`` (the null
+    label's keys/values by default; ``"full"``: the image path, kept at the plan's ``rank``).
 
     The round runs the plan's steps times the share of all pairs that ``pairs`` are (as many per pair).
 
@@ -306,8 +361,11 @@ def fit_pair_round(
     compositions = [[deltas[i], deltas[j]] for i, j in pairs]
     references = [[without_pair_terms(deltas[i]), without_pair_terms(deltas[j])] for i, j in pairs]
     target = target_settings | {"beta": plan["null_alpha"], "combine": plan.get("null_combine", "mixture")}
-    corrections, kl, seconds = fit_corrections(pipeline, frozen, compositions, references, round_settings, target)
-    terms = added_terms(frozen, deltas, pairs, corrections)
+    edited = plan.get("parameters", "context")
+    corrections, kl, seconds = fit_corrections(
+        pipeline, frozen, compositions, references, round_settings, target, edited, decouple=edited == "context"
+    )
+    terms = added_terms(frozen, deltas, pairs, corrections, plan.get("rank"))
     return terms, {pair_name(deltas, pair): value for pair, value in zip(pairs, kl, strict=True)}, seconds
 
 
@@ -316,17 +374,25 @@ def added_terms(
     deltas: list[ConceptDelta],
     pairs: list[tuple[int, int]],
     corrections: list[dict[str, torch.Tensor]],
+    rank: int | None = None,
 ) -> list[dict[str, dict[str, torch.Tensor]]]:
     """Each delta's pair terms by partner: the terms it carries, with each fitted pair's correction ΔW added as
-    the change ΔW T_∅ᵀ ``(out, n)`` of the null tokens' keys/values (T_∅ ``(n, D)`` their context)."""
+    the change ΔW T_∅ᵀ ``(out, n)`` of the null tokens' keys/values (T_∅ ``(n, D)`` their context), or with
+    ``rank`` (an image-path round) as the rank-``rank`` factors of ΔW plus the pair's image-path term so far."""
     null_tokens = context_token_rows(dict(frozen.named_parameters()))[0][-1].cpu()  # (n, D)
     terms = [dict(delta.interactions) for delta in deltas]
     for (i, j), increments in zip(pairs, corrections, strict=True):
-        previous = deltas[i].interactions.get(partner_key(deltas[j]), {})
-        changes = {
-            name: previous.get(name, torch.zeros(())).float() + (value.double() @ null_tokens.T).float()
-            for name, value in increments.items()
-        }
+        changes = dict(deltas[i].interactions.get(partner_key(deltas[j]), {}))
+        for name, value in increments.items():
+            if rank is None:
+                changes[name] = (
+                    changes.get(name, torch.zeros(())).float() + (value.cpu().double() @ null_tokens.T).float()
+                )
+                continue
+            total = value.cpu().double()
+            if name + UP in changes:
+                total = total + (changes[name + UP].double() @ changes[name + DOWN].double()).reshape(value.shape)
+            changes[name + UP], changes[name + DOWN] = low_rank_factors(total, rank)
         terms[i][partner_key(deltas[j])] = terms[j][partner_key(deltas[i])] = changes
     return terms
 
@@ -390,6 +456,8 @@ def refined_settings(
     earlier = previous.get("rounds", 1)
     if pairs is not None:
         targeted = refinement | {"null_combine": settings.null_combine}
+        if settings.refine_parameters != "context":
+            targeted |= {"parameters": settings.refine_parameters, "rank": settings.refine_rank}
         return previous | {"targeted": targeted_rounds(deltas, previous, targeted, alpha, pairs, settings.rounds)}
     if earlier > 1 and any(previous.get(key) != value for key, value in refinement.items()):
         raise ValueError(f"Earlier rounds were refined with {previous}; refine again with the same refine_* settings.")
