@@ -11,6 +11,8 @@ pair's null-label samples visit, to the pair's target (`~d3pm_hub.erasure.on_pol
 * ``null+shared``: every ``attn2.to_k/to_v`` without decoupling; for the null label that frees the two shared
   tokens' keys/values too, as a base with four null-label tokens would;
 * ``full``: every UNet weight but the label path: no limit on what the null label computes (the ceiling).
+  ``--ranks`` also samples it truncated to each rank, ``--fit-rank`` fits it at one rank (an image-path pair term's
+  size, `d3pm_hub.erasure.interactions`).
 
 The wider corrections move the other labels too, so they cannot ship as decoupled increments. ``--label-samples N``
 also samples N images of every label with and without each correction (seed 0): how far a pair term with that
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument(
         "--ranks", type=int, nargs="*", default=[], help="also sample the 'full' correction truncated to these ranks"
     )
+    parser.add_argument("--fit-rank", type=int, help="fit the 'full' correction at this rank")
     add_null_sampling_arguments(parser, samples=1600, seed=2)
     args = parser.parse_args()
     pipeline, classifier = load_models()
@@ -70,9 +73,12 @@ def main() -> None:
             trajectories=args.trajectories,
             seed=args.round_seed,
         )
+        fit_rank = args.fit_rank if parameter_set == "full" else None
         corrections, kl, seconds = fit_corrections(
-            pipeline, frozen, [deltas], [deltas], settings, target, parameter_set=parameter_set, decouple=decouple
+            pipeline, frozen, [deltas], [deltas], settings, target, parameter_set, decouple, fit_rank
         )
+        if fit_rank is not None:
+            capacity = f"{capacity}, fitted at rank {fit_rank}"
         ranks = [None] + (args.ranks if parameter_set == "full" else [])
         for rank in ranks:
             truncated = {name: low_rank(value.cpu(), rank) for name, value in corrections[0].items()}
@@ -83,7 +89,7 @@ def main() -> None:
             )
             row = {"rates": histogram(result, NULL), "confidence": result[NULL][1].mean().item()}
             key = capacity if rank is None else f"{capacity}, rank {rank}"
-            size = sum(values for _, values in truncated.values())
+            size = sum(low_rank(value, rank or fit_rank)[1] for value in corrections[0].values())
             report["null_label"][key] = row | {"held_out_kl": kl[0], "seconds": seconds, "values": size}
             if args.label_samples:
                 report["label_accuracy"][key] = label_accuracy(pipeline, classifier, parameters, args.label_samples)

@@ -53,6 +53,17 @@ TARGETED_ROUNDS = {
         SUM_ROUND | dict(pairs=["0+7", "2+9"]),
         SUM_ROUND | dict(pairs=["6+9"]),
         SUM_ROUND | dict(pairs=["3+4"]),
+        # Where distillation into the null label's keys/values stops paying (a lower KL, not a lower rate), a round
+        # on the image path: every UNet weight but the label path, as a rank-8 term (BENCHMARKS.md §4).
+        dict(
+            pairs=["2+6", "7+8"],
+            rounds=1,
+            refine_parameters="full",
+            refine_rank=8,
+            refine_learning_rate=1e-4,
+            refine_steps=12000,
+            refine_trajectories=128,
+        ),
     ]
 }
 # Kept when a delta is re-measured.

@@ -369,3 +369,11 @@ def context_tokens(unet: D3PMUNet, labels: list[int]) -> torch.Tensor:
     with torch.no_grad():
         per_label = unet.label_embedding.weight[labels].reshape(-1, unet.config.cross_attention_dim)
         return torch.cat([per_label, unet.shared_context_tokens]).double()
+
+
+def low_rank_factors(increment: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``up`` ``(out, r)`` and ``down`` ``(r, in·k·k)`` with ``up @ down`` the best rank-r approximation of the
+    increment's matrix ``(out, in·k·k)`` (a vector's is ``(out, 1)``), r = min(rank, out, in·k·k)."""
+    matrix = increment.double().reshape(increment.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()

@@ -54,7 +54,7 @@ from ..deltas import FORMAT_VERSION, ConceptDelta
 from ..pipeline import D3PMPipeline
 from ..unet import D3PMUNet
 from .anchors import context_token_rows
-from .common import NEGATIVE_GUIDANCE, frozen_copy
+from .common import NEGATIVE_GUIDANCE, frozen_copy, low_rank_factors
 from .on_policy import RoundSettings, fit_corrections, null_target_settings, without_pair_terms
 
 logger = logging.getLogger(__name__)
@@ -209,14 +209,6 @@ def term_increment(
     return term[key].double() @ rows.double()
 
 
-def low_rank_factors(increment: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``up`` ``(out, r)`` and ``down`` ``(r, in·k·k)`` with ``up @ down`` the best rank-r approximation of the
-    increment's matrix ``(out, in·k·k)`` (a vector's is ``(out, 1)``), r = min(rank, out, in·k·k)."""
-    matrix = increment.double().reshape(increment.shape[0], -1)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
-
-
 def train_pair_interactions(
     pipeline: D3PMPipeline,
     deltas: list[ConceptDelta],
@@ -361,11 +353,11 @@ def fit_pair_round(
     compositions = [[deltas[i], deltas[j]] for i, j in pairs]
     references = [[without_pair_terms(deltas[i]), without_pair_terms(deltas[j])] for i, j in pairs]
     target = target_settings | {"beta": plan["null_alpha"], "combine": plan.get("null_combine", "mixture")}
-    edited = plan.get("parameters", "context")
+    edited, rank = plan.get("parameters", "context"), plan.get("rank")
     corrections, kl, seconds = fit_corrections(
-        pipeline, frozen, compositions, references, round_settings, target, edited, decouple=edited == "context"
+        pipeline, frozen, compositions, references, round_settings, target, edited, edited == "context", rank
     )
-    terms = added_terms(frozen, deltas, pairs, corrections, plan.get("rank"))
+    terms = added_terms(frozen, deltas, pairs, corrections, rank)
     return terms, {pair_name(deltas, pair): value for pair, value in zip(pairs, kl, strict=True)}, seconds
 
 

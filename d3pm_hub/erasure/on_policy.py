@@ -27,7 +27,14 @@ import torch
 from ..deltas import ConceptDelta, compose_parameters
 from ..pipeline import DEFAULT_NUM_INFERENCE_STEPS, D3PMPipeline
 from ..unet import D3PMUNet
-from .common import ConceptIncrements, frozen_copy, logit_divergence, optimise_increment, select_parameters
+from .common import (
+    ConceptIncrements,
+    frozen_copy,
+    logit_divergence,
+    low_rank_factors,
+    optimise_increment,
+    select_parameters,
+)
 from .posterior import class_posterior, null_label_target
 from .sepme import decoupling_projector
 
@@ -144,6 +151,7 @@ def fit_corrections(
     target_settings: dict,
     parameter_set: str = "context",
     decouple: bool = True,
+    rank: int | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], list[list[float]], float]:
     """One on-policy round: a correction ΔW per composition, fitted on the states its null-label samples visit.
 
@@ -160,12 +168,17 @@ def fit_corrections(
             label would buy (`benchmarks/erasure_capacity.py`).
         decouple: project ΔW so that no other label's keys/values move (`~.sepme.decoupling_projector`; only
             with ``"context"``).
+        rank: keep each weight's ΔW at this rank (after every step, its best rank-r approximation,
+            `~.common.low_rank_factors`: projected gradient descent), so that a term stored as rank-r factors is
+            what was fitted; not with ``decouple``.
 
     Returns: each composition's ΔW (parameter name → increment of its weight), each composition's held-out KL
     ``[reference, composition + ΔW]``, and the optimisation's seconds.
     """
     if decouple and parameter_set != "context":
         raise ValueError(f"Only 'context' edits can be decoupled; pass decouple=False with {parameter_set!r}.")
+    if decouple and rank is not None:
+        raise ValueError("A decoupled edit is already confined to the null label's tokens: pass rank=None.")
     device, null = frozen.device, frozen.null_label
     names = select_parameters(frozen, parameter_set)
     erased = [[digit for delta in composition for digit in delta.concepts] for composition in compositions]
@@ -193,14 +206,13 @@ def fit_corrections(
         value = loss(model, index, states[batch].to(device), timesteps[batch].to(device), [index], offsets)
         return {"loss": value, "concept": value}
 
-    projector = decoupling_projector(frozen, [null]).to(device) if decouple else None
     result = optimise_increment(
         frozen,
         names,
         loss_fn,
         settings.steps,
         settings.learning_rate,
-        project=None if projector is None else lambda group, name, delta: (delta.double() @ projector).to(delta.dtype),
+        project=increment_projection(frozen, decouple, rank),
         num_groups=len(compositions),
         seed=settings.seed,
         lr_schedule=settings.lr_schedule,
@@ -214,6 +226,22 @@ def fit_corrections(
 
     model = corrections_model(frozen, names, result.increments)
     return result.increments, held_out_kl(model, [before, after], held_out), result.seconds
+
+
+def increment_projection(frozen: D3PMUNet, decouple: bool, rank: int | None):
+    """What `fit_corrections` projects each ΔW onto after every step: the null space of the other labels' tokens
+    (``decouple``), the rank-``rank`` matrices, or nothing (None)."""
+    if decouple:
+        projector = decoupling_projector(frozen, [frozen.null_label]).to(frozen.device)
+        return lambda group, name, delta: (delta.double() @ projector).to(delta.dtype)
+    if rank is not None:
+
+        def truncate(group: int, name: str, delta: torch.Tensor) -> torch.Tensor:
+            up, down = low_rank_factors(delta, rank)
+            return (up @ down).reshape(delta.shape).to(delta.dtype)
+
+        return truncate
+    return None
 
 
 def increments_over_base(
