@@ -70,6 +70,11 @@ def test_a_round_without_decoupling_also_edits_the_shared_tokens_or_the_whole_ne
     assert any(".attn1." in name or ".conv" in name for name in whole) and len(kl[0]) == 2
     with pytest.raises(ValueError, match="Only 'context' edits can be decoupled"):
         fit(target, parameter_set="full")
+    (low,), _, _ = fit(target, parameter_set="full", decouple=False, rank=1)  # projected to rank 1 after each step
+    assert all(torch.linalg.matrix_rank(value.reshape(len(value), -1), rtol=1e-4) <= 1 for value in low.values())
+    assert max(value.abs().max().item() for value in low.values()) > 1e-4
+    with pytest.raises(ValueError, match="already confined to the null label's tokens"):
+        fit(target, rank=1)
 
 
 def test_more_single_rounds_continue_the_seeds_and_refuse_mixed_histories(trained, singles, refined_seven):
