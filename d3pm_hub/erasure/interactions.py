@@ -32,10 +32,10 @@ Triples and larger sets get every pair term among them (the expansion truncated 
 Where the null label's keys/values cannot express a pair's target (7+8: a further round lowers the KL but not the
 rate of 8), a targeted round may edit the image path instead (``refine_parameters="full"``: every UNet weight but
 the label path, undecoupled). Such a term is stored as low-rank factors, ``{name}:up`` ``(out, r)`` and
-``{name}:down`` ``(r, in·k·k)`` (a vector as ``(out, 1)`` and ``(1, 1)``), the top r singular directions of the
-fitted increment (`low_rank_factors`); it stays bilinear in the strengths, so the singles and removal stay exact,
-but while both deltas are composed it moves the other labels' outputs slightly too (BENCHMARKS.md §4 measures how
-much).
+``{name}:down`` ``(r, in·k·k)`` (a vector as ``(out, 1)`` and ``(1, 1)``), fitted at rank r (each step's increment
+projected onto its top r singular directions, `low_rank_factors`). It stays bilinear in the strengths, so the
+singles and removal stay exact, but while both deltas are composed it moves the other labels' outputs slightly too
+(BENCHMARKS.md §4 measures how much).
 """
 
 from __future__ import annotations
