@@ -128,8 +128,10 @@ def stronger(trained, paired) -> list[ConceptDelta]:
 @pytest.fixture(scope="session")
 def targeted(trained, paired) -> tuple[list[ConceptDelta], dict[str, list[float]]]:
     """``paired``'s deltas after one more round of the 4+9 term only, to a stronger target (β = 3, away from
-    each of the two digits: ``null_combine="sum"``) on the states with 15 ≤ t ≤ 35 (of 50), and its KL."""
+    each of the two digits: ``null_combine="sum"``, half as hard from 4) on the states with 15 ≤ t ≤ 35 (of 50),
+    and its KL."""
     settings = REFINE_SETTINGS | {"null_alpha": 3.0, "refine_timesteps": [15, 35], "null_combine": "sum"}
+    settings |= {"null_weights": {"4": 0.5}}
     return train_pair_interactions(trained, paired[0], refine=True, pairs=["9+4"], **settings)
 
 

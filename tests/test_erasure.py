@@ -227,6 +227,12 @@ def test_inference_time_erasure_runs_from_the_erase_script(trained, tmp_path, la
     direct = InferenceTimeErasurePipeline.wrap(trained, [9], negative_scale=2.0, combine="mixture")
     sample, t, labels = torch.randint(0, 8, (4, 1, 28, 28)), torch.full((4,), 30), torch.tensor([9, 4, 10, 9])
     torch.testing.assert_close(loaded.x0_log_probs(sample, t, labels, 1.0), direct.x0_log_probs(sample, t, labels, 1.0))
+    weighted = InferenceTimeErasurePipeline.wrap(trained, [4, 9], negative_scale=2.0, weights=[0.5, 1.0])
+    reloaded = InferenceTimeErasurePipeline.load_erasure(trained, weighted.save_erasure(tmp_path / "weighted.json"))
+    assert reloaded.weights == [0.5, 1.0]
+    torch.testing.assert_close(
+        reloaded.x0_log_probs(sample, t, labels, 1.0), weighted.x0_log_probs(sample, t, labels, 1.0)
+    )
     config = json.loads(path.read_text())
     other = tiny_pipeline()
     with pytest.raises(ValueError, match="another base model"):
@@ -459,10 +465,17 @@ def test_negative_guidance_away_from_one_digit_or_the_mixture_of_several():
     torch.testing.assert_close(summed, 3 * unconditional - first - second)
     mixture = guide_away(unconditional, unconditional, both, 1.0, "mixture")
     torch.testing.assert_close(mixture, 2 * unconditional - ((first.exp() + second.exp()) / 2).log())
+    weighted = guide_away(unconditional, unconditional, both, 2.0, "sum", [0.5, 1.0])
+    torch.testing.assert_close(weighted, 4 * unconditional - first - 2 * second)
     with pytest.raises(ValueError, match="negative guidance"):
         guide_away(unconditional, unconditional, both, 1.0, "max")
+    for combine, weights in (("mixture", [0.5, 1.0]), ("sum", [0.5])):
+        with pytest.raises(ValueError, match="one weight per erased digit"):
+            guide_away(unconditional, unconditional, both, 1.0, combine, weights)
     with pytest.raises(ValueError, match="combine"):
         InferenceTimeErasurePipeline.wrap(tiny_pipeline(), [9], negative_scale=1.0, combine="max")
+    with pytest.raises(ValueError, match="one positive weight per digit"):
+        InferenceTimeErasurePipeline.wrap(tiny_pipeline(), [4, 9], negative_scale=1.0, weights=[1.0])
 
 
 def test_increments_follow_a_diffusers_learning_rate_schedule(trained):

@@ -145,17 +145,22 @@ def test_a_targeted_round_refits_only_the_chosen_pairs_term(trained, paired, tar
     recorded = chosen[1].hyperparameters["pair_terms"]  # the run's record, in every delta
     assert recorded["rounds"] == 1 and recorded["null_alphas"] == [1.0]
     plan = dict(steps=60, learning_rate=1e-2, trajectories=4, timesteps=[15, 35], seed=2, null_alpha=3.0)
-    assert recorded["targeted"] == [plan | {"pairs": ["4+9"], "after_round": 1, "null_combine": "sum"}]
+    weights = {"null_combine": "sum", "null_weights": {"4": 0.5}}
+    assert recorded["targeted"] == [plan | {"pairs": ["4+9"], "after_round": 1} | weights]
     with pytest.raises(ValueError, match="'sum' for targeted rounds of chosen pairs"):
         train_pair_interactions(trained, deltas, refine=True, null_combine="sum")
+    with pytest.raises(ValueError, match="pass null_combine=sum and --pairs"):
+        train_pair_interactions(trained, deltas, refine=True, pairs=["4+9"], null_weights={"4": 0.5})
+    with pytest.raises(ValueError, match="null_weights maps digits of these deltas \\(4, 7, 9\\)"):
+        train_pair_interactions(trained, deltas, refine=True, pairs=["4+9"], null_combine="sum", null_weights={"5": 1})
     for i in (0, 2):  # 4+7 and 7+9 kept bitwise
         assert all(torch.equal(chosen[i].interactions["7"][n], v) for n, v in deltas[i].interactions["7"].items())
-    target = dict(beta=3.0, combine="sum")
+    target = dict(beta=3.0, combine="sum", weights=[0.5, 1.0])
     weaker = null_target_mismatch(trained, compose(trained, [deltas[0], deltas[2]]), [4, 9], **target)
     assert null_target_mismatch(trained, compose(trained, [chosen[0], chosen[2]]), [4, 9], **target) < weaker
     further = (
         "Pair 4+9 then ran a further round on its own (β = 3.0, guidance away from each digit of the pair rather "
-        "than their mixture, 4 trajectories per pair, states with 15 ≤ t ≤ 35)"
+        "than their mixture, β times 0.5 for 4, 4 trajectories per pair, states with 15 ≤ t ≤ 35)"
     )
     assert further in str(delta_card(chosen[0], "deltas/separable/digit-4.safetensors"))
     assert "further round" not in str(delta_card(chosen[1], "deltas/separable/digit-7.safetensors"))

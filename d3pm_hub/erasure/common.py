@@ -126,22 +126,31 @@ NEGATIVE_GUIDANCE = ("sum", "mixture")
 
 
 def guide_away(
-    guided: torch.Tensor, unconditional: torch.Tensor, erased: torch.Tensor, scale: float, combine: str = "sum"
+    guided: torch.Tensor,
+    unconditional: torch.Tensor,
+    erased: torch.Tensor,
+    scale: float,
+    combine: str = "sum",
+    weights: list[float] | None = None,
 ) -> torch.Tensor:
     """Negative guidance away from a set S of erased digits, on x0 log-probabilities ``(B, K, H, W)``.
 
-        sum:      log p̃ − s Σ_{e∈S} (log p_e − log p_∅)
+        sum:      log p̃ − s Σ_{e∈S} wₑ (log p_e − log p_∅)
         mixture:  log p̃ − s (log (1/|S|) Σ_{e∈S} p_e − log p_∅)
 
     with log p̃ = ``guided``, log p_∅ = ``unconditional`` and ``erased`` ``(|S|, B, K, H, W)`` the log p_e. The two
-    agree for one digit; for a set the sum pushes |S| times, the mixture erases "any of S" once. Unnormalised.
+    agree for one digit; for a set the sum pushes |S| times, the mixture erases "any of S" once. ``weights`` (one
+    per digit of S, default 1; sum only) push harder from some digits than from others. Unnormalised.
     """
-    if combine == "sum":
-        return guided - scale * (erased - unconditional).sum(0)
+    if combine not in NEGATIVE_GUIDANCE:
+        raise ValueError(f"Unknown negative guidance {combine!r}; choose one of {NEGATIVE_GUIDANCE}.")
+    if weights is not None and (combine != "sum" or len(weights) != len(erased)):
+        raise ValueError(f"weights need the sum and one weight per erased digit ({len(erased)}), got {weights}.")
     if combine == "mixture":
         mixture = torch.logsumexp(erased, dim=0) - math.log(len(erased))
         return guided - scale * (mixture - unconditional)
-    raise ValueError(f"Unknown negative guidance {combine!r}; choose one of {NEGATIVE_GUIDANCE}.")
+    per_digit = torch.tensor(weights or [1.0] * len(erased), dtype=erased.dtype, device=erased.device)
+    return guided - scale * (per_digit.view(-1, *[1] * (erased.dim() - 1)) * (erased - unconditional)).sum(0)
 
 
 def logit_divergence(logits: torch.Tensor, target_logits: torch.Tensor, kind: str) -> torch.Tensor:

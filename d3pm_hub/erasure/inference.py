@@ -8,7 +8,8 @@
 
       log p ← log p − s⁻ Σₑ (log p(x0 | x_t, e) − log p(x0 | x_t, ∅)),   renormalised over the K levels,
 
-  or, with ``combine="mixture"``, the direction of their mixture (1/|S|) Σₑ p(x0 | x_t, e).
+  or, with ``combine="mixture"``, the direction of their mixture (1/|S|) Σₑ p(x0 | x_t, e). With the sum,
+  ``weights`` multiply each digit's term (s⁻ Σₑ wₑ (…)).
 
 It is a filter on the sampler: the weights still hold the digit (and anyone with the weights can skip it).
 Its artefact is therefore not a delta but a small JSON *erasure config* (`save_erasure` / `load_erasure`: digits,
@@ -43,12 +44,21 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
     erased_digits: tuple[int, ...] = ()
     negative_scale: float = 0.0
     combine: str = "sum"
+    weights: list[float] | None = None
 
     @classmethod
-    def wrap(cls, pipeline: D3PMPipeline, digits: list[int], negative_scale: float = 0.0, combine: str = "sum"):
+    def wrap(
+        cls,
+        pipeline: D3PMPipeline,
+        digits: list[int],
+        negative_scale: float = 0.0,
+        combine: str = "sum",
+        weights: list[float] | None = None,
+    ):
         """The same UNet and scheduler (shared, not copied) with ``digits`` erased at sampling time.
 
-        ``combine``: how several digits' guidance terms combine (`~d3pm_hub.erasure.common.guide_away`).
+        ``combine``: how several digits' guidance terms combine, ``weights``: the sum's weight per digit of
+        ``digits`` (`~d3pm_hub.erasure.common.guide_away`).
         """
         if negative_scale < 0:
             raise ValueError(f"negative_scale must be ≥ 0, got {negative_scale}.")
@@ -58,6 +68,10 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
         wrapped.erased_digits = tuple(check_digits(pipeline.unet, digits))
         wrapped.negative_scale = float(negative_scale)
         wrapped.combine = combine
+        if weights is not None:
+            if combine != "sum" or len(weights) != len(digits) or min(weights) <= 0:
+                raise ValueError(f"weights need combine='sum' and one positive weight per digit, got {weights}.")
+            wrapped.weights = [float(weight) for weight in weights]
         return wrapped
 
     @property
@@ -77,6 +91,7 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
             "concepts": self.concepts,
             "negative_scale": self.negative_scale,
             "combine": self.combine,
+            "weights": self.weights,
             "base_model_hash": base_model_hash(self.unet),
             "base_model": base_model,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -102,7 +117,8 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
                 f"{path} was made for another base model ({config.get('base_model') or 'unknown'}); "
                 "load the pipeline it names."
             )
-        return cls.wrap(pipeline, digits, negative_scale=scale, combine=config.get("combine", "sum"))
+        combine, weights = config.get("combine", "sum"), config.get("weights")
+        return cls.wrap(pipeline, digits, negative_scale=scale, combine=combine, weights=weights)
 
     def x0_log_probs(
         self,
@@ -120,9 +136,11 @@ class InferenceTimeErasurePipeline(D3PMPipeline):
         if not self.negative_scale:
             return log_probs
         unconditional = super().x0_log_probs(sample, timestep, null, 0.0, unet)
-        erased = [
-            D3PMPipeline.x0_log_probs(self, sample, timestep, torch.full_like(null, digit), 1.0, unet)
-            for digit in self.erased_digits
-        ]
-        guided = guide_away(log_probs, unconditional, torch.stack(erased), self.negative_scale, self.combine)
+        erased = torch.stack(
+            [
+                D3PMPipeline.x0_log_probs(self, sample, timestep, torch.full_like(null, digit), 1.0, unet)
+                for digit in self.erased_digits
+            ]
+        )
+        guided = guide_away(log_probs, unconditional, erased, self.negative_scale, self.combine, self.weights)
         return torch.log_softmax(guided, dim=1)

@@ -90,6 +90,9 @@ class PairSettings:
             ``"mixture"`` (every round of all pairs) or ``"sum"``, for a pair whose mixture target itself lets a
             digit back: sampled exactly, 6+7's lets 6 back in 3.5% of null samples at β = 2 and 2.0% at β = 3 or 4,
             the sum at β = 2 in 0.25% (`benchmarks/erasure_targets.py`). Only with ``pairs``; recorded per round.
+        null_weights: with the sum, a multiplier of β per digit (``{"4": 0.5}``; unlisted digits 1): a pair
+            whose sum target lets one digit back because pushing from the other sends samples to it. Only with
+            ``pairs``; recorded per round.
         refine_parameters: what the targeted rounds edit: ``"context"`` (the null label's keys/values) or
             ``"full"`` (every UNet weight but the label path, kept as a rank-``refine_rank`` term; module
             docstring). Only with ``pairs``; recorded per round.
@@ -110,6 +113,7 @@ class PairSettings:
     refine_timesteps: list[int] | None = None
     null_alpha: float | None = None
     null_combine: str = "mixture"
+    null_weights: dict[str, float] | None = None
     refine_parameters: str = "context"
     refine_rank: int = 16
 
@@ -256,6 +260,7 @@ def train_pair_interactions(
             f"null_combine must be 'mixture', or 'sum' for targeted rounds of chosen pairs (--refine --pairs), "
             f"got {settings.null_combine!r}."
         )
+    check_null_weights(settings, deltas, pairs)
     if settings.refine_parameters not in ("context", "full") or (settings.refine_parameters != "context" and not pairs):
         raise ValueError(
             f"refine_parameters must be 'context', or 'full' for targeted rounds of chosen pairs (--refine --pairs), "
@@ -272,7 +277,7 @@ def train_pair_interactions(
         recorded = shared_record(deltas) if complete else refined_settings(deltas, settings, alpha, pairs)
     else:
         recorded = dataclasses.asdict(settings) | {"null_alphas": [alpha] * settings.rounds, "seconds": 0.0}
-        for key in ("null_alpha", "refine_parameters", "refine_rank"):
+        for key in ("null_alpha", "null_weights", "refine_parameters", "refine_rank"):
             del recorded[key]  # each round's β is in null_alphas; targeted rounds record what they edit
         deltas = [without_pair_terms(delta) for delta in deltas]
     schedule = recorded_rounds(recorded, target_settings)
@@ -296,6 +301,21 @@ def train_pair_interactions(
         recorded["seconds"] = round(recorded["seconds"] + seconds, 2)
         deltas = [with_terms(delta, terms[i], deltas, recorded, kl) for i, delta in enumerate(deltas)]
     return deltas, kl
+
+
+def check_null_weights(settings: PairSettings, deltas: list[ConceptDelta], pairs: list[str] | None) -> None:
+    """Refuse ``null_weights`` outside a targeted sum round, for digits not among ``deltas``, or not positive."""
+    if not settings.null_weights:
+        return
+    if settings.null_combine != "sum" or pairs is None:
+        raise ValueError("null_weights weight the sum target of targeted rounds: pass null_combine=sum and --pairs.")
+    known = {partner_key(delta) for delta in deltas}
+    for digit, weight in settings.null_weights.items():
+        if str(digit) not in known or not (isinstance(weight, int | float) and 0 < weight < math.inf):
+            raise ValueError(
+                f"null_weights maps digits of these deltas ({', '.join(sorted(known))}) to positive numbers, "
+                f"got {digit!r}: {weight!r}."
+            )
 
 
 def pair_name(deltas: list[ConceptDelta], pair: tuple[int, int]) -> str:
@@ -352,7 +372,11 @@ def fit_pair_round(
     logger.info("pair terms: a round of %d pairs at β = %s", len(pairs), plan["null_alpha"])
     compositions = [[deltas[i], deltas[j]] for i, j in pairs]
     references = [[without_pair_terms(deltas[i]), without_pair_terms(deltas[j])] for i, j in pairs]
-    target = target_settings | {"beta": plan["null_alpha"], "combine": plan.get("null_combine", "mixture")}
+    target = target_settings | {
+        "beta": plan["null_alpha"],
+        "combine": plan.get("null_combine", "mixture"),
+        "digit_weights": plan.get("null_weights"),
+    }
     edited, rank = plan.get("parameters", "context"), plan.get("rank")
     corrections, kl, seconds = fit_corrections(
         pipeline, frozen, compositions, references, round_settings, target, edited, edited == "context", rank
@@ -448,6 +472,8 @@ def refined_settings(
     earlier = previous.get("rounds", 1)
     if pairs is not None:
         targeted = refinement | {"null_combine": settings.null_combine}
+        if settings.null_weights:
+            targeted |= {"null_weights": settings.null_weights}
         if settings.refine_parameters != "context":
             targeted |= {"parameters": settings.refine_parameters, "rank": settings.refine_rank}
         return previous | {"targeted": targeted_rounds(deltas, previous, targeted, alpha, pairs, settings.rounds)}

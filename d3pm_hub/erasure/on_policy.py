@@ -298,7 +298,15 @@ def within(states: tuple[torch.Tensor, torch.Tensor], settings: RoundSettings) -
 def erased_null_target(
     frozen: D3PMUNet, x_t: torch.Tensor, timesteps: torch.Tensor, digits: list[int], target_settings: dict
 ) -> torch.Tensor:
-    """The null label's target logits ``(B, K, H, W)`` with ``digits`` erased, from the frozen model at x_t."""
+    """The null label's target logits ``(B, K, H, W)`` with ``digits`` erased, from the frozen model at x_t.
+
+    ``target_settings``: `null_label_target` keywords, and optionally ``digit_weights`` (digit → multiplier of
+    β in the sum target, default 1).
+    """
+    target_settings = dict(target_settings)
+    digit_weights = target_settings.pop("digit_weights", None)
+    if digit_weights:
+        target_settings["weights"] = [float(digit_weights.get(str(digit), 1.0)) for digit in digits]
     posterior = target_settings["base"] == "posterior"
     labels = list(range(frozen.null_label)) if posterior else digits
     every = torch.tensor([*labels, frozen.null_label], device=x_t.device).repeat_interleave(len(x_t))

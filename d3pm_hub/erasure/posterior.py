@@ -73,6 +73,7 @@ def null_label_target(
     base: str = "posterior",
     sharpness: float = 1.0,
     combine: str = "mixture",
+    weights: list[float] | None = None,
 ) -> torch.Tensor:
     """Target logits ``(B, K, H, W)`` of the null label with ``digits`` erased (module docstring).
 
@@ -83,6 +84,7 @@ def null_label_target(
         sharpness: the exponent γ on the posterior weights.
         combine: guide away from the mixture of the erased digits, β (log (1/|S|) Σₑ pₑ − log p_∅), or from
             each, β Σₑ (log pₑ − log p_∅) (``"sum"``; `~.common.guide_away`).
+        weights: with the sum, a multiplier of β per digit of ``digits`` (β Σₑ wₑ (log pₑ − log p_∅)).
     """
     if base not in NULL_TARGET_BASES:
         raise ValueError(f"Unknown null target base {base!r}; choose one of {NULL_TARGET_BASES}.")
@@ -96,7 +98,7 @@ def null_label_target(
         kept = [label for label in range(len(log_labels)) if label not in digits]
         log_weights = sharpness * posterior[kept].float().clamp_min(1e-12).log()[..., None, None, None]
         target = torch.logsumexp(log_weights + log_labels[kept], 0) - torch.logsumexp(log_weights, 0)
-    return guide_away(target, log_null, log_labels[digits], beta, combine) if beta else target
+    return guide_away(target, log_null, log_labels[digits], beta, combine, weights) if beta else target
 
 
 @dataclass
