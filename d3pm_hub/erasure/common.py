@@ -149,8 +149,10 @@ def guide_away(
     if combine == "mixture":
         mixture = torch.logsumexp(erased, dim=0) - math.log(len(erased))
         return guided - scale * (mixture - unconditional)
-    per_digit = torch.tensor(weights or [1.0] * len(erased), dtype=erased.dtype, device=erased.device)
-    return guided - scale * (per_digit.view(-1, *[1] * (erased.dim() - 1)) * (erased - unconditional)).sum(0)
+    directions = erased - unconditional
+    if weights is not None:
+        directions = directions * torch.tensor(weights, dtype=erased.dtype, device=erased.device).view(-1, 1, 1, 1, 1)
+    return guided - scale * directions.sum(0)
 
 
 def logit_divergence(logits: torch.Tensor, target_logits: torch.Tensor, kind: str) -> torch.Tensor:
