@@ -191,6 +191,8 @@ def test_an_image_path_round_adds_a_low_rank_term_only_to_its_pair(trained, pair
     image = [key.removesuffix(":up") for key in term if key.endswith(":up")]
     assert any(".attn1." in name or ".conv" in name for name in image)  # the image path, not just the label path
     assert all(term[f"{name}:up"].shape[1] <= 2 and f"{name}:down" in term for name in image)
+    other_file = chosen[2].interactions["4"]  # 9's file keeps the null-label changes; only 4's holds the factors
+    assert other_file.keys() == {key for key in term if not key.endswith((":up", ":down"))} and other_file
     for composition in ([0], [0, 1], [1, 2]):  # singles and the other pairs keep their weights bitwise
         before = compose(trained, [deltas[i] for i in composition])
         after = compose(trained, [chosen[i] for i in composition])
@@ -198,7 +200,7 @@ def test_an_image_path_round_adds_a_low_rank_term_only_to_its_pair(trained, pair
     base = dict(trained.unet.named_parameters())
     name = next(name for name in image if name not in deltas[0].tensors)  # a weight only the term edits
     full_term = (term[f"{name}:up"] @ term[f"{name}:down"]).reshape(base[name].shape)
-    half = compose(trained, [(chosen[0], 0.5), (chosen[2], 0.4)])[name] - base[name].detach()
+    half = compose(trained, [(chosen[2], 0.4), (chosen[0], 0.5)])[name] - base[name].detach()
     torch.testing.assert_close(half, 0.2 * full_term, atol=1e-6, rtol=1e-5)
     assert name not in compose(trained, [chosen[0], (chosen[2], 0.0)])  # dropping a partner drops the term
     for delta in chosen:

@@ -23,6 +23,8 @@ second-order ones:
   M_ab ``(out, n)`` per edited ``attn2.to_k/to_v`` (a few KB per partner; ΔW = M_ab R_∅ with R_∅ the null
   tokens' dual rows, `~.anchors.context_token_rows`) under ``interaction/{partner}/{parameter}``, in both partners'
   files, with the content hash of the partner delta it was fitted against (``metadata["interactions"]``);
+  an image-path term (below) is stored once, in the file of the partner whose digits come first (`pair_term`
+  reads a pair's term from both files);
 * composition — `interaction_corrections` adds s_a s_b Δ_ab for every pair of composed deltas that name each
   other with matching hashes. The term is bilinear in the strengths: dropping either delta removes it, so removal
   stays exact and restoring a digit leaves the other's single delta.
@@ -146,12 +148,38 @@ def stored_term(delta: ConceptDelta, partner: ConceptDelta, partner_hash: str) -
     return None
 
 
+def pair_term(
+    first: ConceptDelta, second: ConceptDelta, first_hash: str, second_hash: str
+) -> dict[str, torch.Tensor] | None:
+    """The pair term of ``first`` and ``second`` as their files store it: the entries either file holds for the
+    other, fitted against its current increments (`stored_term`; hashes by `increment_hash`), else None.
+
+    Both files hold the null-label changes (equal when written together); an image-path term's factors sit in one
+    file only (`split_term`).
+    """
+    found = [stored_term(first, second, second_hash), stored_term(second, first, first_hash)]
+    terms = [term for term in found if term is not None]
+    return {key: value for term in reversed(terms) for key, value in term.items()} if terms else None
+
+
+def split_term(
+    terms: list[dict[str, dict[str, torch.Tensor]]], deltas: list[ConceptDelta], i: int, j: int, term: dict
+) -> None:
+    """Store pair (i, j)'s ``term`` in ``terms`` (each delta's terms by partner): the null-label changes in both
+    files, an image-path term's factors only in the file of the partner whose digits come first (they are the
+    bulk of the term: ~300 K values per pair at rank 8)."""
+    holder = min(i, j, key=lambda k: deltas[k].concepts)
+    shared = {key: value for key, value in term.items() if not key.endswith((UP, DOWN))} or term
+    terms[i][partner_key(deltas[j])] = term if holder == i else shared
+    terms[j][partner_key(deltas[i])] = term if holder == j else shared
+
+
 def interaction_corrections(
     base_parameters: dict[str, torch.Tensor], deltas: list[tuple[ConceptDelta, float]]
 ) -> dict[str, torch.Tensor]:
     """Σ_{pairs} s_a s_b Δ_ab for the composed deltas whose pair terms name each other (module docstring).
 
-    A term stored in both partners' files is applied once (their mean; they are equal when written together).
+    A term is read from both partners' files (`pair_term`) and applied once.
 
     Raises:
         ValueError: a pair term for a parameter the model lacks or with a shape other than ``(out, n)``.
@@ -164,20 +192,18 @@ def interaction_corrections(
     corrections: dict[str, torch.Tensor] = {}
     rows = None
     for (first, s_first), (second, s_second) in itertools.combinations(deltas, 2):
-        found = [
-            stored_term(delta, partner, hashes[id(partner)]) for delta, partner in ((first, second), (second, first))
-        ]
-        terms = [term for term in found if term is not None]
-        if not terms or not s_first * s_second:
+        term = pair_term(first, second, hashes[id(first)], hashes[id(second)])
+        if term is None or not s_first * s_second:
             continue
         if rows is None:
             rows = context_token_rows(base_parameters)[1][-1]  # (n, D): the null label's dual rows
-        for key in sorted(set().union(*terms)):
+        for key in sorted(term):
             if key.endswith(DOWN):
                 continue  # applied with its ":up" factor
             name = key.removesuffix(UP)
-            change = torch.stack([term_increment(base_parameters, key, term, rows) for term in terms if key in term])
-            increment = (s_first * s_second * change.mean(0)).to(base_parameters[name].dtype)
+            increment = (s_first * s_second * term_increment(base_parameters, key, term, rows)).to(
+                base_parameters[name].dtype
+            )
             corrections[name] = corrections.get(name, 0) + increment
     return corrections
 
@@ -397,8 +423,9 @@ def added_terms(
     ``rank`` (an image-path round) as the rank-``rank`` factors of ΔW plus the pair's image-path term so far."""
     null_tokens = context_token_rows(dict(frozen.named_parameters()))[0][-1].cpu()  # (n, D)
     terms = [dict(delta.interactions) for delta in deltas]
+    hashes = [increment_hash(delta) for delta in deltas]
     for (i, j), increments in zip(pairs, corrections, strict=True):
-        changes = dict(deltas[i].interactions.get(partner_key(deltas[j]), {}))
+        changes = dict(pair_term(deltas[i], deltas[j], hashes[i], hashes[j]) or {})
         for name, value in increments.items():
             if rank is None:
                 changes[name] = (
@@ -409,7 +436,7 @@ def added_terms(
             if name + UP in changes:
                 total = total + (changes[name + UP].double() @ changes[name + DOWN].double()).reshape(value.shape)
             changes[name + UP], changes[name + DOWN] = low_rank_factors(total, rank)
-        terms[i][partner_key(deltas[j])] = terms[j][partner_key(deltas[i])] = changes
+        split_term(terms, deltas, i, j, changes)
     return terms
 
 
@@ -419,11 +446,9 @@ def current_terms(deltas: list[ConceptDelta]) -> list[dict[str, dict[str, torch.
     hashes = [increment_hash(delta) for delta in deltas]
     terms: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in deltas]
     for i, j in itertools.combinations(range(len(deltas)), 2):
-        found = stored_term(deltas[i], deltas[j], hashes[j])
-        if found is None:
-            found = stored_term(deltas[j], deltas[i], hashes[i])
+        found = pair_term(deltas[i], deltas[j], hashes[i], hashes[j])
         if found is not None:
-            terms[i][partner_key(deltas[j])] = terms[j][partner_key(deltas[i])] = found
+            split_term(terms, deltas, i, j, found)
     return terms
 
 
