@@ -68,6 +68,11 @@ TARGETED_ROUNDS = {
         # with that other digit's term weighted down (sampled exactly, both digits held; BENCHMARKS.md §4).
         SUM_ROUND | dict(pairs=["4+5"], null_weights={"4": 0.5}),
         SUM_ROUND | dict(pairs=["2+5"], null_weights={"5": 0.75}),
+        # 1+8, where every null-label round fell short: an image-path term fitted to its weighted sum target.
+        SUM_ROUND
+        | dict(
+            pairs=["1+8"], null_weights={"1": 0.25}, refine_parameters="full", refine_rank=8, refine_learning_rate=1e-4
+        ),
     ]
 }
 # Kept when a delta is re-measured.
