@@ -44,6 +44,9 @@ SINGLE_ROUNDS = {"separable": [2]}
 # 2+6 twice more on the states where its samples go wrong (BENCHMARKS.md §4).
 # A pair whose mixture target lets a digit back, sampled exactly, but whose sum target holds (BENCHMARKS.md §4).
 SUM_ROUND = dict(rounds=1, null_alpha=2.0, null_combine="sum", refine_steps=12000, refine_trajectories=128)
+# Where distillation into the null label's keys/values stops paying (a lower KL, not a lower rate), a round on the
+# image path: every UNet weight but the label path, as a rank-8 term (BENCHMARKS.md §4).
+IMAGE_PATH = dict(refine_parameters="full", refine_rank=8, refine_learning_rate=1e-4)
 TARGETED_ROUNDS = {
     "separable": [
         dict(pairs=["0+7"], rounds=1, null_alpha=4.0),
@@ -53,26 +56,15 @@ TARGETED_ROUNDS = {
         SUM_ROUND | dict(pairs=["0+7", "2+9"]),
         SUM_ROUND | dict(pairs=["6+9"]),
         SUM_ROUND | dict(pairs=["3+4"]),
-        # Where distillation into the null label's keys/values stops paying (a lower KL, not a lower rate), a round
-        # on the image path: every UNet weight but the label path, as a rank-8 term (BENCHMARKS.md §4).
-        dict(
-            pairs=["2+6", "7+8"],
-            rounds=1,
-            refine_parameters="full",
-            refine_rank=8,
-            refine_learning_rate=1e-4,
-            refine_steps=12000,
-            refine_trajectories=128,
-        ),
+        IMAGE_PATH | dict(pairs=["2+6", "7+8"], rounds=1, refine_steps=12000, refine_trajectories=128),
         # A pair whose sum target lets one digit back because the push from the other sends samples to it: the sum
         # with that other digit's term weighted down (sampled exactly, both digits held; BENCHMARKS.md §4).
         SUM_ROUND | dict(pairs=["4+5"], null_weights={"4": 0.5}),
         SUM_ROUND | dict(pairs=["2+5"], null_weights={"5": 0.75}),
-        # 1+8, where every null-label round fell short: an image-path term fitted to its weighted sum target.
-        SUM_ROUND
-        | dict(
-            pairs=["1+8"], null_weights={"1": 0.25}, refine_parameters="full", refine_rank=8, refine_learning_rate=1e-4
-        ),
+        # 1+8, where every null-label round fell short, and 2+6, on the line: image-path terms fitted to a weighted
+        # sum target (sampled exactly it holds 1 and 8 at 0.0025, 2 at 0.0025 and 6 at 0).
+        SUM_ROUND | IMAGE_PATH | dict(pairs=["1+8"], null_weights={"1": 0.25}),
+        SUM_ROUND | IMAGE_PATH | dict(pairs=["2+6"], null_weights={"6": 0.25}),
     ]
 }
 # Kept when a delta is re-measured.
