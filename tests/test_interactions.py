@@ -200,8 +200,10 @@ def test_an_image_path_round_adds_a_low_rank_term_only_to_its_pair(trained, pair
     base = dict(trained.unet.named_parameters())
     name = next(name for name in image if name not in deltas[0].tensors)  # a weight only the term edits
     full_term = (term[f"{name}:up"] @ term[f"{name}:down"]).reshape(base[name].shape)
-    half = compose(trained, [(chosen[2], 0.4), (chosen[0], 0.5)])[name] - base[name].detach()
+    half = compose(trained, [(chosen[0], 0.5), (chosen[2], 0.4)])[name] - base[name].detach()
     torch.testing.assert_close(half, 0.2 * full_term, atol=1e-6, rtol=1e-5)
+    swapped = compose(trained, [(chosen[2], 0.4), (chosen[0], 0.5)])[name] - base[name].detach()
+    assert torch.equal(swapped, half)  # the factors are found from either partner's side
     assert name not in compose(trained, [chosen[0], (chosen[2], 0.0)])  # dropping a partner drops the term
     for delta in chosen:
         delta.save(tmp_path / f"digit-{delta.concepts[0]}.safetensors", dtype=torch.float32)
